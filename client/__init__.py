@@ -1,0 +1,1 @@
+"""The data-site agent: ClientApp handlers, local trainer, data loading and validation."""

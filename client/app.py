@@ -1,0 +1,128 @@
+"""The fedlora ClientApp (Flower Message API): what a data site does when asked.
+
+Message types and their records:
+
+* ``query``    -> reply ``ConfigRecord "site"``: ``name``, ``cohort``.
+* ``train``    <- ``ArrayRecord "adapter"`` (the cohort's global adapter, wire dtype),
+                  ``ConfigRecord "config"`` (round, cohort, labels, seed, model spec, local
+                  training settings, wire dtype);
+               -> ``ArrayRecord "update"`` (trained minus global, wire dtype),
+                  ``MetricRecord "metrics"``: num_examples, train_loss, steps, train_seconds.
+* ``evaluate`` <- the same records; -> ``MetricRecord "metrics"``: eval_loss, accuracy,
+                  num_examples, label_counts.
+
+A problem at the site (bad data, wrong cohort, non-finite update) becomes an error reply
+whose reason names it; the coordinator logs it and aggregates without that site.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora.errors import FedloraError
+from fedlora.model import LoraRuntime, ModelSpec, get_runtime
+from fedlora.records import from_record, to_record
+from fedlora.task import EncodedExamples
+
+from .data import load_labelled_texts, shard, split_train_eval
+from .site import SiteSpec
+from .trainer import LocalTrainSettings, evaluate_local, train_local
+
+log = logging.getLogger("fedlora.client")
+SITE_ERROR = 4201  # Error.code of a reply refused by fedlora at the site
+
+
+@dataclass(frozen=True)
+class SiteData:
+    train: EncodedExamples
+    eval: EncodedExamples
+    labels: tuple[str, ...]
+
+
+_DATA_CACHE: dict[tuple, SiteData] = {}
+
+
+def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed: int, eval_fraction: float) -> SiteData:
+    """Load, validate, split and tokenise a site's data once per process."""
+    key = (site, tuple(labels), str(runtime.path), runtime.spec.max_length, seed, eval_fraction)
+    if key not in _DATA_CACHE:
+        data, label_list = load_labelled_texts(site.data_path, site.text_column, site.label_column, labels)
+        if site.shard_count > 1:
+            data = shard(data, site.shard_index, site.shard_count, seed, f"{site.cohort}:{site.data_path}")
+        train, held_out = split_train_eval(data, eval_fraction, seed, site.name)
+        enc = runtime.task.encode
+        tok, n = runtime.tokenizer, runtime.spec.max_length
+        _DATA_CACHE[key] = SiteData(enc(tok, train.texts, train.labels, n), enc(tok, held_out.texts, held_out.labels, n), tuple(label_list))
+    return _DATA_CACHE[key]
+
+
+def _settings(cfg: ConfigRecord) -> LocalTrainSettings:
+    return LocalTrainSettings(local_steps=int(cfg["train.local_steps"]), local_epochs=float(cfg["train.local_epochs"]),
+                              batch_size=int(cfg["train.batch_size"]), optimizer=str(cfg["train.optimizer"]),
+                              learning_rate=float(cfg["train.learning_rate"]), weight_decay=float(cfg["train.weight_decay"]),
+                              max_grad_norm=float(cfg["train.max_grad_norm"]))
+
+
+def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "auto", dtype: str = "auto") -> ClientApp:
+    """A ClientApp. With ``sites`` (simulation) a node's site is ``sites[partition-id]``;
+    without (deployment) it is read from the node config (``SiteSpec.from_node_config``)."""
+    app = ClientApp()
+    table = tuple(sites) if sites is not None else None
+
+    def resolve(ctx: Context) -> SiteSpec:
+        if table is not None:
+            return table[int(ctx.node_config["partition-id"])]
+        return SiteSpec.from_node_config(ctx.node_config)
+
+    def guarded(handler: Callable[[Message, Context, SiteSpec], RecordDict]) -> Callable[[Message, Context], Message]:
+        def run(msg: Message, ctx: Context) -> Message:
+            site = resolve(ctx)
+            try:
+                return Message(handler(msg, ctx, site), reply_to=msg)
+            except FedloraError as e:
+                log.error("site %s refused %s: %s", site.name, msg.metadata.message_type, e)
+                return Message(Error(code=SITE_ERROR, reason=f"site {site.name}: {e}"), reply_to=msg)
+
+        return run
+
+    def prepare(msg: Message, site: SiteSpec) -> tuple[LoraRuntime, ConfigRecord, SiteData, dict]:
+        cfg = msg.content["config"]
+        if str(cfg["cohort"]) != site.cohort:
+            raise FedloraError(f"asked to work for cohort {cfg['cohort']!r}, but this site belongs to {site.cohort!r}")
+        runtime = get_runtime(ModelSpec.from_flat(cfg), device, dtype)
+        labels = list(cfg["labels"])
+        data = site_data(site, labels, runtime, int(cfg["seed"]), float(cfg["train.eval_fraction"]))
+        state, _ = from_record(msg.content["adapter"], runtime.adapter_shapes(len(labels)))
+        return runtime, cfg, data, state
+
+    def query(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
+        return RecordDict({"site": ConfigRecord({"name": site.name, "cohort": site.cohort})})
+
+    def train(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
+        runtime, cfg, data, state = prepare(msg, site)
+        result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
+                             cohort=site.cohort, num_labels=len(data.labels), round_=int(cfg["round"]))
+        update, _ = to_record(result.delta, str(cfg["wire_dtype"]))
+        metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss,
+                                "steps": result.steps, "train_seconds": result.seconds})
+        return RecordDict({"update": update, "metrics": metrics})
+
+    def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
+        runtime, cfg, data, state = prepare(msg, site)
+        res = evaluate_local(runtime, state, data.eval, seed=int(cfg["seed"]), cohort=site.cohort, num_labels=len(data.labels))
+        return RecordDict({"metrics": MetricRecord({"eval_loss": res.loss, "accuracy": res.accuracy,
+                                                    "num_examples": res.num_examples, "label_counts": res.label_counts})})
+
+    app.query()(guarded(query))
+    app.train()(guarded(train))
+    app.evaluate()(guarded(evaluate))
+    return app
+
+
+# `flwr run .` / SuperNode entry point: the site's data lives in its node config.
+app = make_client_app()

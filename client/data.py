@@ -1,0 +1,145 @@
+"""A site's private data: read, validate, map labels, split into train and eval.
+
+Accepted files: ``.csv`` (UTF-8, header row), ``.jsonl``/``.ndjson`` (one JSON object per
+line), ``.parquet``. Every problem raises :class:`~fedlora.errors.DataError` naming the
+file, and where it applies the row (1-based, header not counted), the column and the value.
+Nothing is written here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedlora.errors import DataError
+from fedlora.model import derive_seed
+
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    """Texts and their class ids (indices into the cohort's label list)."""
+
+    texts: tuple[str, ...]
+    labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, index: np.ndarray) -> LabelledTexts:
+        return LabelledTexts(tuple(self.texts[i] for i in index), self.labels[index])
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV, JSONL or Parquet file as strings-or-objects, with errors that name the file."""
+    p = Path(path)
+    kind = SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(f"{p}: unsupported file type {p.suffix!r}; use .csv, .jsonl or .parquet")
+    if not p.is_file():
+        raise DataError(f"{p}: file not found")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p}: the file is empty")
+    try:
+        if kind == "csv":
+            raw = p.read_bytes()
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw[: e.start].count(b"\n") + 1
+                raise DataError(f"{p}: not valid UTF-8 (byte {e.start}, line {line}: {e.reason}); re-encode the file as UTF-8") from None
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8")
+        elif kind == "jsonl":
+            try:
+                df = pd.read_json(p, lines=True, dtype=False, encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}: not valid UTF-8 (byte {e.start}: {e.reason})") from None
+        else:
+            df = pd.read_parquet(p)
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{p}: the file has no header and no rows") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        raise DataError(f"{p}: cannot be parsed as {kind}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # pyarrow raises its own types for corrupt Parquet
+        raise DataError(f"{p}: cannot be parsed as {kind}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if len(df) == 0:
+        raise DataError(f"{p}: the file has a header but no rows")
+    return df
+
+
+def _column(df: pd.DataFrame, path: Path, name: str, role: str) -> pd.Series:
+    if name not in df.columns:
+        have = ", ".join(map(str, df.columns[:12]))
+        raise DataError(f"{path}: no {role} column {name!r}; columns present: {have} (choose one with --{role}-column)")
+    return df[name]
+
+
+def _label_text(v: object) -> str | None:
+    """A label cell as text: strings as they are, integral numbers without '.0'; None if missing."""
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, (bool, np.bool_)):
+        return str(v).lower()
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v).strip()
+
+
+def load_labelled_texts(path: str | Path, text_column: str, label_column: str, labels: Sequence[str] | None) -> tuple[LabelledTexts, list[str]]:
+    """Load one file. With ``labels``, every label must be in that list (an error names the
+    file, row and value); without, the list is the sorted distinct labels found.
+    Returns the data and the label list used."""
+    p = Path(path)
+    df = read_table(p)
+    texts_col = _column(df, p, text_column, "text")
+    labels_col = _column(df, p, label_column, "label")
+    texts: list[str] = []
+    for i, v in enumerate(texts_col.tolist()):
+        if not isinstance(v, str):
+            raise DataError(f"{p}: row {i + 1}, column {text_column!r}: expected text, found {type(v).__name__} {v!r}")
+        if not v.strip():
+            raise DataError(f"{p}: row {i + 1}, column {text_column!r}: empty text")
+        texts.append(v)
+    raw = [_label_text(v) for v in labels_col.tolist()]
+    for i, v in enumerate(raw):
+        if v is None or v == "":
+            raise DataError(f"{p}: row {i + 1}, column {label_column!r}: missing label")
+    label_list = list(labels) if labels else sorted(set(raw))  # type: ignore[arg-type]
+    if len(label_list) < 2:
+        raise DataError(f"{p}: column {label_column!r} has only the label {label_list}; a classifier needs at least two")
+    index = {lab: j for j, lab in enumerate(label_list)}
+    ids = np.empty(len(raw), dtype=np.int64)
+    for i, v in enumerate(raw):
+        if v not in index:
+            shown = ", ".join(label_list[:10]) + (", ..." if len(label_list) > 10 else "")
+            raise DataError(f"{p}: row {i + 1}, column {label_column!r}: label {v!r} is not in the cohort's labels [{shown}]")
+        ids[i] = index[v]  # type: ignore[index]
+    return LabelledTexts(tuple(texts), ids), label_list
+
+
+def shard(data: LabelledTexts, index: int, count: int, seed: int, key: str) -> LabelledTexts:
+    """Shard ``index`` of ``count`` after a seeded permutation (disjoint, sizes differ by <= 1)."""
+    if not 0 <= index < count:
+        raise DataError(f"shard {index} of {count} does not exist")
+    perm = np.random.default_rng(derive_seed(seed, "shard", key)).permutation(len(data))
+    part = np.array_split(perm, count)[index]
+    if len(part) < 2:
+        raise DataError(f"{key}: shard {index + 1} of {count} has {len(part)} rows; a site needs at least 2 (fewer sites or more data)")
+    return data.subset(np.sort(part))
+
+
+def split_train_eval(data: LabelledTexts, eval_fraction: float, seed: int, key: str) -> tuple[LabelledTexts, LabelledTexts]:
+    """A deterministic split: a seeded permutation, the first ceil(f * n) rows (at least 1) for eval."""
+    n = len(data)
+    if n < 2:
+        raise DataError(f"{key}: {n} example(s); a site needs at least 2 (one to train, one to evaluate)")
+    n_eval = min(n - 1, max(1, int(np.ceil(eval_fraction * n))))
+    perm = np.random.default_rng(derive_seed(seed, "split", key)).permutation(n)
+    return data.subset(np.sort(perm[n_eval:])), data.subset(np.sort(perm[:n_eval]))

@@ -1,0 +1,122 @@
+"""Local training and evaluation of a cohort's adapter at one site.
+
+Determinism: batch order and dropout are drawn from generators seeded by
+(seed, site, round), so a site's result does not depend on which process or engine runs it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedlora.model import LoraRuntime, derive_seed
+from fedlora.task import EncodedExamples
+
+
+@dataclass(frozen=True)
+class LocalTrainSettings:
+    """Hyper-parameters the coordinator sends with each round."""
+
+    local_steps: int
+    local_epochs: float
+    batch_size: int
+    optimizer: str
+    learning_rate: float
+    weight_decay: float
+    max_grad_norm: float
+
+    def steps_for(self, n_train: int) -> int:
+        """``local_epochs > 0``: ceil(epochs * n / batch); otherwise ``local_steps``."""
+        if self.local_epochs > 0:
+            return max(1, math.ceil(self.local_epochs * n_train / self.batch_size))
+        return self.local_steps
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    delta: dict[str, np.ndarray]  # trained adapter minus the global adapter
+    train_loss: float  # mean loss over the local steps
+    steps: int
+    num_examples: int
+    seconds: float  # wall time of the local steps only
+
+
+def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``steps`` batches drawn epoch by epoch from seeded permutations (no example twice per epoch)."""
+    size = min(batch_size, n)
+    out: list[np.ndarray] = []
+    perm, pos = rng.permutation(n), 0
+    while len(out) < steps:
+        if pos + size > n:
+            perm, pos = rng.permutation(n), 0
+        out.append(perm[pos: pos + size])
+        pos += size
+    return out
+
+
+def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], examples: EncodedExamples,
+                settings: LocalTrainSettings, *, seed: int, site: str, cohort: str, num_labels: int, round_: int) -> TrainResult:
+    """Train the cohort's adapter on the site's examples from ``global_state``; return the update."""
+    runtime.load_adapter(global_state, seed, cohort, num_labels)
+    model = runtime.peft_model
+    model.train()
+    params = runtime.trainable_parameters()
+    if settings.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    steps = settings.steps_for(len(examples))
+    rng = np.random.default_rng(derive_seed(seed, "batches", site, round_))
+    torch.manual_seed(derive_seed(seed, "dropout", site, round_))
+    pad = int(runtime.tokenizer.pad_token_id)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for index in _batches(len(examples), settings.batch_size, steps, rng):
+        batch = runtime.task.batch(examples, index, pad, runtime.device)
+        opt.zero_grad(set_to_none=True)
+        with runtime.autocast():
+            loss, _ = runtime.task.loss(model, batch)
+        loss.backward()
+        if settings.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        opt.step()
+        losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    trained = runtime.export_adapter()
+    delta = {k: trained[k] - np.asarray(global_state[k], dtype=np.float32) for k in trained}
+    return TrainResult(delta=delta, train_loss=float(np.mean(losses)), steps=steps, num_examples=len(examples), seconds=seconds)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy
+    accuracy: float
+    num_examples: int
+    label_counts: list[int]  # eval examples per class (for the majority-class baseline)
+
+
+@torch.no_grad()
+def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], examples: EncodedExamples, *,
+                   seed: int, cohort: str, num_labels: int, batch_size: int = 64) -> EvalResult:
+    """Loss and accuracy of the cohort's adapter on the site's held-out examples."""
+    runtime.load_adapter(state, seed, cohort, num_labels)
+    model = runtime.peft_model
+    model.eval()
+    pad = int(runtime.tokenizer.pad_token_id)
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        index = np.arange(start, min(start + batch_size, len(examples)))
+        batch = runtime.task.batch(examples, index, pad, runtime.device)
+        with runtime.autocast():
+            loss, logits = runtime.task.loss(model, batch)
+        total_loss += float(loss) * len(index)
+        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+    model.train()
+    n = len(examples)
+    counts = np.bincount(examples.labels, minlength=num_labels).tolist()
+    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n, label_counts=[int(c) for c in counts])

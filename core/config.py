@@ -1,0 +1,344 @@
+"""The run configuration: one TOML file describes a run, command-line flags override it.
+
+Every section is a frozen dataclass whose ``__post_init__`` validates its own values and
+raises :class:`~fedlora.errors.ConfigError` naming the dotted key and the bad value. The
+whole config is therefore validated when it is built, before any work starts. Nothing here
+mutates a caller's object: overrides build a new config.
+
+TOML layout (every key optional; see ``RunConfig`` for defaults)::
+
+    seed = 0
+    out = "runs/demo"
+    [model]      source, max_length, device, dtype
+    [lora]       rank, alpha, dropout, target_modules, mode
+    [task]       kind
+    [train]      rounds, local_steps, local_epochs, batch_size, optimizer, learning_rate,
+                 weight_decay, eval_fraction, max_grad_norm
+    [federation] engine, strategy, wire_dtype, ray_cpus_per_site
+    [demo]       examples_per_site, size_skew, label_skew
+    [cohorts.<name>] sites, labels, data, text_column, label_column
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
+DEMO_DOMAINS = ("finance", "medical", "retail")
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def _require(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, expected)
+
+
+def _one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The base model: a local Hugging Face checkpoint folder or the packaged default."""
+
+    source: str = field(default=PACKAGED_MODEL, metadata={"help": "local checkpoint folder or packaged:all-MiniLM-L6-v2"})
+    max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16-capable GPU, else fp32), float32, bfloat16"})
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.source, str) and self.source != "", "model.source", self.source, "must be a non-empty path or packaged name")
+        _require(isinstance(self.max_length, int) and 8 <= self.max_length <= 8192, "model.max_length", self.max_length, "must be an integer in [8, 8192]")
+        _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+                 "model.device", self.device, "must be auto, cpu, cuda or cuda:N")
+        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the base model's linear layers (PEFT). ``frozen_a``: A comes from a seed every
+    site of a cohort shares and stays fixed; only B (and the head) are trained and sent."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator; scale = alpha / r"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    target_modules: tuple[str, ...] = field(default=("query", "value"), metadata={"help": "module names (suffix match)"})
+    mode: str = field(default="standard", metadata={"help": "standard (A and B trained) or frozen_a"})
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.rank, int) and not isinstance(self.rank, bool) and 1 <= self.rank <= 1024,
+                 "lora.rank", self.rank, "must be an integer in [1, 1024]")
+        _require(isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0,
+                 "lora.alpha", self.alpha, "must be a positive number")
+        _require(isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "must be in [0, 1)")
+        _require(isinstance(self.target_modules, tuple) and len(self.target_modules) > 0
+                 and all(isinstance(t, str) and t for t in self.target_modules),
+                 "lora.target_modules", self.target_modules, "must be a non-empty list of module names")
+        _one_of("lora.mode", self.mode, ("standard", "frozen_a"))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The learning task at the sites; one pluggable piece (see ``fedlora.task``)."""
+
+    kind: str = field(default="sequence_classification", metadata={"help": "sequence_classification"})
+
+    def __post_init__(self) -> None:
+        _one_of("task.kind", self.kind, ("sequence_classification",))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Rounds and local training at every site."""
+
+    rounds: int = 5
+    local_steps: int = 12
+    local_epochs: float = 0.0  # > 0 replaces local_steps by ceil(epochs * train_examples / batch_size)
+    batch_size: int = 16
+    optimizer: str = "adamw"
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    eval_fraction: float = 0.2
+    max_grad_norm: float = 0.0  # > 0 clips the (batch) gradient norm; DP clipping is separate
+
+    def __post_init__(self) -> None:
+        def positive_int(key: str, v: object, hi: int) -> None:
+            _require(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= hi, key, v, f"must be an integer in [1, {hi}]")
+
+        positive_int("train.rounds", self.rounds, 100_000)
+        positive_int("train.local_steps", self.local_steps, 10_000_000)
+        positive_int("train.batch_size", self.batch_size, 65_536)
+        _require(isinstance(self.local_epochs, (int, float)) and 0 <= self.local_epochs <= 1000,
+                 "train.local_epochs", self.local_epochs, "must be 0 (use local_steps) or a positive number of epochs")
+        _one_of("train.optimizer", self.optimizer, ("adamw", "sgd"))
+        _require(isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 10,
+                 "train.learning_rate", self.learning_rate, "must be in (0, 10]")
+        _require(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1, "train.weight_decay", self.weight_decay, "must be in [0, 1)")
+        _require(isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1,
+                 "train.eval_fraction", self.eval_fraction, "must be in (0, 1)")
+        _require(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How the federation runs: engine, aggregation strategy, adapter wire dtype."""
+
+    engine: str = "inprocess"
+    strategy: str = "fedavg"
+    wire_dtype: str = "float32"
+    ray_cpus_per_site: float = 1.0
+
+    def __post_init__(self) -> None:
+        _one_of("federation.engine", self.engine, ("inprocess", "ray"))
+        _one_of("federation.strategy", self.strategy, ("fedavg",))
+        _one_of("federation.wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
+        _require(isinstance(self.ray_cpus_per_site, (int, float)) and self.ray_cpus_per_site > 0,
+                 "federation.ray_cpus_per_site", self.ray_cpus_per_site, "must be > 0")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The synthetic demo data (used for cohorts without a ``data`` file)."""
+
+    examples_per_site: int = 240
+    size_skew: float = 0.5  # site k of a cohort gets examples_per_site * (1 - size_skew)^(k/(n-1))
+    label_skew: float = 1.0  # Dirichlet concentration of each site's label mix (smaller = more skew)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.examples_per_site, int) and 20 <= self.examples_per_site <= 1_000_000,
+                 "demo.examples_per_site", self.examples_per_site, "must be an integer in [20, 1000000]")
+        _require(isinstance(self.size_skew, (int, float)) and 0 <= self.size_skew < 1, "demo.size_skew", self.size_skew, "must be in [0, 1)")
+        _require(isinstance(self.label_skew, (int, float)) and self.label_skew > 0, "demo.label_skew", self.label_skew, "must be > 0")
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """One domain's sites: they share one adapter and head, aggregated only among themselves."""
+
+    name: str
+    sites: int = 3
+    labels: tuple[str, ...] = ()  # empty: the demo's labels, or the sorted labels found in `data`
+    data: str = ""  # a CSV/JSONL/Parquet file split across this cohort's sites; empty: demo data
+    text_column: str = "text"
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        key = f"cohorts.{self.name}"
+        _require(isinstance(self.name, str) and _NAME.match(self.name) is not None, key, self.name,
+                 "cohort names are lower-case letters, digits and _ (at most 32), starting with a letter")
+        _require(isinstance(self.sites, int) and not isinstance(self.sites, bool) and 1 <= self.sites <= 10_000,
+                 f"{key}.sites", self.sites, "must be an integer in [1, 10000]")
+        _require(isinstance(self.labels, tuple) and all(isinstance(x, str) and x for x in self.labels),
+                 f"{key}.labels", self.labels, "must be a list of non-empty strings")
+        _require(len(set(self.labels)) == len(self.labels), f"{key}.labels", self.labels, "must not repeat a label")
+        _require(len(self.labels) != 1, f"{key}.labels", self.labels, "needs at least two labels")
+        _require(isinstance(self.data, str), f"{key}.data", self.data, "must be a path")
+        if not self.data:
+            _require(self.name in DEMO_DOMAINS, key, self.name,
+                     f"has no `data` file, and demo data exists only for {', '.join(DEMO_DOMAINS)}")
+        for col in ("text_column", "label_column"):
+            v = getattr(self, col)
+            _require(isinstance(v, str) and v != "", f"{key}.{col}", v, "must be a non-empty column name")
+        _require(self.text_column != self.label_column, f"{key}.label_column", self.label_column, "must differ from text_column")
+
+
+def _default_cohorts() -> tuple[CohortConfig, ...]:
+    return tuple(CohortConfig(name=d) for d in DEMO_DOMAINS)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run. Defaults: 9 sites (3 finance, 3 medical, 3 retail) on synthetic demo
+    data, the packaged pretrained model, LoRA r=8 on query/value, FedAvg, in-process engine."""
+
+    seed: int = 0
+    out: str = ""  # empty: runs/<timestamp>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    cohorts: tuple[CohortConfig, ...] = field(default_factory=_default_cohorts)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**63,
+                 "seed", self.seed, "must be a non-negative integer")
+        _require(isinstance(self.out, str), "out", self.out, "must be a path")
+        _require(len(self.cohorts) > 0, "cohorts", [], "at least one cohort is needed")
+        names = [c.name for c in self.cohorts]
+        _require(len(set(names)) == len(names), "cohorts", names, "cohort names must be unique")
+
+    @property
+    def total_sites(self) -> int:
+        return sum(c.sites for c in self.cohorts)
+
+    def cohort(self, name: str) -> CohortConfig:
+        for c in self.cohorts:
+            if c.name == name:
+                return c
+        raise ConfigError("cohorts", name, f"no such cohort; known: {', '.join(c.name for c in self.cohorts)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A TOML/JSON-ready dict (tuples as lists, cohorts as a table by name)."""
+        out: dict[str, Any] = {"seed": self.seed, "out": self.out}
+        for f in fields(self):
+            if f.name in ("seed", "out", "cohorts"):
+                continue
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(getattr(self, f.name)).items()}
+        out["cohorts"] = {c.name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(c).items() if k != "name"}
+                          for c in self.cohorts}
+        return out
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "lora": LoraSettings, "task": TaskConfig, "train": TrainConfig,
+    "federation": FederationConfig, "demo": DemoConfig,
+}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert TOML/flag values to the field's type, naming the key on mismatch."""
+    text = str(hint)
+    if text.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        _require(isinstance(value, (list, tuple)), key, value, "must be a list")
+        return tuple(value)
+    if hint is float or text == "float":
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
+        return float(value)
+    if hint is int or text == "int":
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+        return value
+    if hint is str or text == "str":
+        _require(isinstance(value, str), key, value, "must be a string")
+        return value
+    return value
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, **extra: Any) -> Any:
+    _require(isinstance(data, Mapping), prefix, data, "must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)} - set(extra)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}" if prefix else unknown[0], data[unknown[0]],
+                          f"unknown key; known keys here: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(f"{prefix}.{k}" if prefix else k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs, **extra)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a parsed TOML document."""
+    data = dict(data)
+    top_known = {"seed", "out", "cohorts", *_SECTIONS}
+    unknown = sorted(set(data) - top_known)
+    if unknown:
+        raise ConfigError(unknown[0], data[unknown[0]], f"unknown key; known top-level keys: {', '.join(sorted(top_known))}")
+    kwargs: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name in data:
+            kwargs[name] = _build(cls, data[name], name)
+    if "cohorts" in data:
+        table = data["cohorts"]
+        _require(isinstance(table, Mapping) and len(table) > 0, "cohorts", table, "must be a non-empty table of [cohorts.<name>]")
+        kwargs["cohorts"] = tuple(_build(CohortConfig, v, f"cohorts.{k}", name=k) for k, v in table.items())
+    for k in ("seed", "out"):
+        if k in data:
+            kwargs[k] = _coerce(k, data[k], int if k == "seed" else str)
+    return RunConfig(**kwargs)
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """Parse a TOML config file into a plain dict (validation happens in ``config_from_dict``)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("--config", str(p), "file not found")
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError("--config", str(p), f"is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("--config", str(p), f"is not valid TOML: {e}") from None
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``data`` with dotted-key overrides applied (``train.rounds`` -> 3).
+
+    ``cohorts.*.sites`` sets a key in every cohort. Values of None are skipped (flag not given).
+    """
+    out: dict[str, Any] = _deep_copy(data)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        parts = dotted.split(".")
+        if parts[0] == "cohorts" and len(parts) == 3 and parts[1] == "*":
+            cohorts = out.setdefault("cohorts", {n: {} for n in DEMO_DOMAINS})
+            for c in cohorts.values():
+                c[parts[2]] = value
+            continue
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, Mapping):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d

@@ -1,0 +1,43 @@
+"""Errors that reach the user: each names the problem, and the CLI maps each to an exit code."""
+
+from __future__ import annotations
+
+
+class FedloraError(Exception):
+    """Base of every error fedlora reports to a user (printed as one line, non-zero exit)."""
+
+    exit_code = 1
+
+
+class ConfigError(FedloraError):
+    """A run configuration is invalid; the message names the key and the bad value."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, value: object, expected: str) -> None:
+        self.key, self.value, self.expected = key, value, expected
+        super().__init__(f"config: {key} = {value!r}: {expected}")
+
+
+class DataError(FedloraError):
+    """A site's data file cannot be used; the message names the file (and row, column)."""
+
+    exit_code = 3
+
+
+class ModelError(FedloraError):
+    """The base model or the LoRA setup cannot be used."""
+
+    exit_code = 4
+
+
+class WireError(FedloraError):
+    """An adapter payload is malformed: wrong keys, shapes, dtype or non-finite values."""
+
+    exit_code = 5
+
+
+class FederationError(FedloraError):
+    """A round cannot complete (every site of a cohort failed, no sites connected, ...)."""
+
+    exit_code = 6

@@ -1,0 +1,1 @@
+"""The coordinator: ServerApp, round loop, run directory."""

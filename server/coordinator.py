@@ -1,0 +1,233 @@
+"""The coordinator's round loop, written against Flower's ``Grid`` (Message API).
+
+One run:
+
+1. wait for the expected sites, ask each (``query``) for its name and cohort;
+2. per cohort, start from the initial adapter (a pure function of seed and cohort);
+3. each round: send every site its cohort's global adapter (``train``), check every reply
+   (keys, shapes, finite values), aggregate each cohort's updates with the strategy, then
+   send the new adapter (``evaluate``) and combine the sites' eval metrics weighted by
+   their example counts; append one line to ``metrics.jsonl``;
+4. save each cohort's adapter in PEFT format and write ``summary.json``.
+
+A site that fails or sends a bad update is logged and left out of that round's aggregate;
+a round in which every site of a cohort failed stops the run with a FederationError.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from tqdm import tqdm
+
+from fedlora.config import RunConfig
+from fedlora.errors import FederationError, FedloraError
+from fedlora.model import ModelSpec, get_runtime
+from fedlora.records import from_record, to_record
+from fedlora.strategies import SiteUpdate, get_strategy
+
+from .rundir import RunDir
+
+log = logging.getLogger("fedlora.server")
+
+
+@dataclass
+class Cohort:
+    name: str
+    labels: list[str]
+    nodes: dict[int, str] = field(default_factory=dict)  # node id -> site name
+    state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class RoundTotals:
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
+                 progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self.spec = ModelSpec.from_config(cfg)
+        self.strategy = get_strategy(cfg.federation.strategy)
+        self.cohorts = {c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts}
+        self.expected_sites, self.wait_timeout, self.round_timeout = expected_sites, wait_timeout, round_timeout
+        self.totals = RoundTotals()
+
+    # ---- messaging -------------------------------------------------------------------
+    def _exchange(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
+        replies = grid.send_and_receive(messages, timeout=self.round_timeout)
+        out = {r.metadata.src_node_id: r for r in replies}
+        for m in messages:
+            if m.metadata.dst_node_id not in out:
+                log.warning("no reply from node %s (%s) within the timeout", m.metadata.dst_node_id, m.metadata.message_type)
+        return out
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.wait_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.expected_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise FederationError(f"only {len(nodes)} of {self.expected_sites} sites connected within {self.wait_timeout:.0f} s")
+            time.sleep(0.5)
+
+    def _discover(self, grid: Grid) -> None:
+        nodes = self._wait_for_nodes(grid)
+        replies = self._exchange(grid, [Message(RecordDict(), node, "query", group_id="0") for node in nodes])
+        for node, reply in sorted(replies.items()):
+            if reply.has_error():
+                log.warning("node %s did not identify itself: %s", node, reply.error.reason)
+                continue
+            info = reply.content["site"]
+            name, cohort = str(info["name"]), str(info["cohort"])
+            if cohort not in self.cohorts:
+                log.warning("site %s belongs to cohort %r, which this run does not train; ignoring it", name, cohort)
+                continue
+            self.cohorts[cohort].nodes[node] = name
+        empty = [c for c, co in self.cohorts.items() if not co.nodes]
+        if empty:
+            raise FederationError(f"no site joined cohort(s) {', '.join(empty)}")
+
+    def _content(self, cohort: Cohort, round_: int) -> tuple[RecordDict, int]:
+        t = self.cfg.train
+        cfg: dict[str, Any] = {
+            "round": round_, "cohort": cohort.name, "labels": list(cohort.labels), "seed": self.cfg.seed,
+            "wire_dtype": self.cfg.federation.wire_dtype, "train.local_steps": t.local_steps, "train.local_epochs": float(t.local_epochs),
+            "train.batch_size": t.batch_size, "train.optimizer": t.optimizer, "train.learning_rate": float(t.learning_rate),
+            "train.weight_decay": float(t.weight_decay), "train.max_grad_norm": float(t.max_grad_norm),
+            "train.eval_fraction": float(t.eval_fraction), **self.spec.to_flat(),
+        }
+        record, nbytes = to_record(cohort.state, self.cfg.federation.wire_dtype)
+        return RecordDict({"adapter": record, "config": ConfigRecord(cfg)}), nbytes
+
+    def _broadcast(self, kind: str, round_: int) -> tuple[list[Message], int]:
+        messages, down = [], 0
+        for cohort in self.cohorts.values():
+            content, nbytes = self._content(cohort, round_)
+            for node in cohort.nodes:
+                messages.append(Message(content, node, kind, group_id=str(round_)))
+                down += nbytes
+        return messages, down
+
+    # ---- one round -------------------------------------------------------------------
+    def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
+        messages, down = self._broadcast("train", round_)
+        replies = self._exchange(grid, messages)
+        up = 0
+        for cohort in self.cohorts.values():
+            shapes = {k: v.shape for k, v in cohort.state.items()}
+            updates, losses, failed, seconds = [], [], [], []
+            for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):
+                reply = replies.get(node)
+                if reply is None or reply.has_error():
+                    failed.append(site)
+                    if reply is not None:
+                        log.warning("round %d: %s", round_, reply.error.reason)
+                    continue
+                try:
+                    delta, nbytes = from_record(reply.content["update"], shapes)
+                except FedloraError as e:
+                    log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
+                    failed.append(site)
+                    continue
+                m = reply.content["metrics"]
+                up += nbytes
+                updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
+                losses.append((float(m["train_loss"]), float(m["num_examples"])))
+                seconds.append(float(m["train_seconds"]))
+            if not updates:
+                raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed ({', '.join(failed)}); stopping")
+            cohort.state = self.strategy.aggregate(cohort.state, updates)
+            entry = line["cohorts"].setdefault(cohort.name, {})
+            entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
+                          "site_train_seconds": float(np.sum(seconds))})
+        self.totals.bytes_up += up
+        self.totals.bytes_down += down
+        line["bytes_up"], line["bytes_down"] = up, down
+
+    def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
+        messages, down = self._broadcast("evaluate", round_)
+        replies = self._exchange(grid, messages)
+        for cohort in self.cohorts.values():
+            losses, accs, counts = [], [], np.zeros(len(cohort.labels), dtype=np.int64)
+            for node, site in cohort.nodes.items():
+                reply = replies.get(node)
+                if reply is None or reply.has_error():
+                    if reply is not None:
+                        log.warning("round %d evaluate: %s", round_, reply.error.reason)
+                    continue
+                m = reply.content["metrics"]
+                n = float(m["num_examples"])
+                losses.append((float(m["eval_loss"]), n))
+                accs.append((float(m["accuracy"]), n))
+                counts += np.asarray(list(m["label_counts"]), dtype=np.int64)
+            entry = line["cohorts"].setdefault(cohort.name, {})
+            entry.update({"eval_loss": _weighted(losses), "accuracy": _weighted(accs), "eval_examples": int(counts.sum()),
+                          "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None})
+        self.totals.bytes_down += down
+        line["bytes_down"] += down
+
+    # ---- the run ---------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict[str, Any]:
+        start = time.perf_counter()
+        self._discover(grid)
+        runtime = get_runtime(self.spec, self.cfg.model.device, self.cfg.model.dtype)
+        for cohort in self.cohorts.values():
+            cohort.state = runtime.initial_adapter(self.cfg.seed, cohort.name, len(cohort.labels))
+        self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
+        rounds = self.cfg.train.rounds
+        last: dict[str, Any] = {}
+        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)
+        try:
+            for r in range(1, rounds + 1):
+                t0 = time.perf_counter()
+                line: dict[str, Any] = {"round": r, "cohorts": {}}
+                self._train_round(grid, r, line)
+                self._evaluate_round(grid, r, line)
+                line["seconds"] = time.perf_counter() - t0
+                self.run_dir.append_metrics(line)
+                last = line
+                bar.set_postfix({c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None})
+                bar.update(1)
+        finally:
+            bar.close()
+        for cohort in self.cohorts.values():
+            self.run_dir.write_dir(f"adapters/{cohort.name}",
+                                   lambda d, c=cohort: runtime.save_peft(d, c.state, self.cfg.seed, c.name, c.labels))
+        summary = {
+            "rounds_completed": rounds,
+            "sites": sum(len(c.nodes) for c in self.cohorts.values()),
+            "engine": self.cfg.federation.engine,
+            "seed": self.cfg.seed,
+            "model": self.cfg.model.source,
+            "lora_mode": self.cfg.lora.mode,
+            "wire_dtype": self.cfg.federation.wire_dtype,
+            "bytes_up": self.totals.bytes_up,
+            "bytes_down": self.totals.bytes_down,
+            "wall_seconds": time.perf_counter() - start,
+            "cohorts": {
+                c.name: {"sites": sorted(c.nodes.values()), "labels": c.labels,
+                         "accuracy": last["cohorts"][c.name]["accuracy"], "eval_loss": last["cohorts"][c.name]["eval_loss"],
+                         "majority_baseline": last["cohorts"][c.name]["majority_baseline"],
+                         "train_loss": last["cohorts"][c.name]["train_loss"], "adapter": f"adapters/{c.name}"}
+                for c in self.cohorts.values()
+            },
+        }
+        self.run_dir.write_json("summary.json", summary)
+        return summary
+
+
+def _weighted(pairs: Iterable[tuple[float, float]]) -> float | None:
+    pairs = list(pairs)
+    total = sum(n for _, n in pairs)
+    return float(sum(v * n for v, n in pairs) / total) if total else None

@@ -1,0 +1,1 @@
+"""The simulation harness: in-process engine, Ray engine adapter, synthetic demo data."""

@@ -1,0 +1,104 @@
+"""``fedlora simulate``: plan the sites, validate everything, then run the federation.
+
+Order of work, so that bad input writes nothing: validate the config (done when it was
+built), load the base model and check the LoRA targets, read and validate every real data
+file and every site's share of it; only then create the run directory, write the demo data,
+and start the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.client.app import make_client_app
+from fedlora.client.data import load_labelled_texts, shard, split_train_eval
+from fedlora.client.site import SiteSpec
+from fedlora.config import RunConfig
+from fedlora.errors import ConfigError, FederationError
+from fedlora.model import ModelSpec, get_runtime
+from fedlora.server.app import make_server_app
+from fedlora.server.rundir import RunDir, default_run_dir
+
+from . import demo_data
+from .local_grid import LocalGrid
+
+log = logging.getLogger("fedlora.simulation")
+
+
+@dataclass(frozen=True)
+class Plan:
+    sites: list[SiteSpec]  # by partition id
+    labels: dict[str, list[str]]  # cohort -> label list
+    demo_cohorts: list[str]  # cohorts whose data is generated into the run directory
+
+
+def plan_sites(cfg: RunConfig) -> Plan:
+    """Decide every site's data and every cohort's labels; reads (never writes) real data files."""
+    sites: list[SiteSpec] = []
+    labels: dict[str, list[str]] = {}
+    demo: list[str] = []
+    for c in cfg.cohorts:
+        if c.data:
+            data, label_list = load_labelled_texts(c.data, c.text_column, c.label_column, c.labels or None)
+            for i in range(c.sites):
+                part = shard(data, i, c.sites, cfg.seed, f"{c.name}:{c.data}") if c.sites > 1 else data
+                split_train_eval(part, cfg.train.eval_fraction, cfg.seed, f"{c.name}-{i + 1}")
+                sites.append(SiteSpec(f"{c.name}-{i + 1}", c.name, str(Path(c.data).resolve()), c.text_column, c.label_column, i, c.sites))
+            labels[c.name] = label_list
+        else:
+            demo_labels = demo_data.LABELS[c.name]
+            if c.labels and sorted(c.labels) != sorted(demo_labels):
+                raise ConfigError(f"cohorts.{c.name}.labels", list(c.labels), f"the demo data of {c.name} has labels {demo_labels}")
+            labels[c.name] = list(c.labels) if c.labels else demo_labels
+            demo.append(c.name)
+            sites.extend(SiteSpec(f"{c.name}-{i + 1}", c.name, "") for i in range(c.sites))
+    return Plan(sites, labels, demo)
+
+
+def _write_demo_data(cfg: RunConfig, plan: Plan, run_dir: RunDir) -> list[SiteSpec]:
+    paths: dict[str, str] = {}
+    for name in plan.demo_cohorts:
+        c = cfg.cohort(name)
+        for p in demo_data.write_cohort(run_dir.path / "demo_data", name, c.sites, seed=cfg.seed, examples_per_site=cfg.demo.examples_per_site,
+                                        size_skew=cfg.demo.size_skew, label_skew=cfg.demo.label_skew):
+            paths[p.name.removesuffix(".synthetic.csv")] = str(p.resolve())
+    return [SiteSpec(s.name, s.cohort, paths[s.name]) if not s.data_path else s for s in plan.sites]
+
+
+def run_engine(cfg: RunConfig, sites: list[SiteSpec], server_app: Any, client_app: Any) -> None:
+    """Run the apps on the configured engine (in-process Grid, or Flower's Ray Simulation Engine)."""
+    if cfg.federation.engine == "inprocess":
+        from flwr.app import Context, RecordDict
+
+        server_app(LocalGrid(client_app, len(sites)), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+        return
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend = {"client_resources": {"num_cpus": cfg.federation.ray_cpus_per_site, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites), backend_config=backend)
+
+
+def simulate(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Run a local federation; returns the run directory and its summary."""
+    started = time.perf_counter()
+    get_runtime(ModelSpec.from_config(cfg), cfg.model.device, cfg.model.dtype)  # loads the model, checks LoRA targets
+    plan = plan_sites(cfg)
+    run_dir = RunDir.create(cfg.out or default_run_dir())
+    run_dir.write_toml("config.toml", cfg.to_dict() | {"out": str(run_dir.path)})
+    sites = _write_demo_data(cfg, plan, run_dir)
+    result: dict[str, Any] = {}
+    server_app = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=progress, result=result)
+    client_app = make_client_app(sites, device=cfg.model.device, dtype=cfg.model.dtype)
+    run_engine(cfg, sites, server_app, client_app)
+    if not result:
+        raise FederationError(f"the {cfg.federation.engine} engine finished without completing the run; see the log above "
+                              f"(partial results in {run_dir.path})")
+    log.info("run finished in %.1f s: %s", time.perf_counter() - started, run_dir.path)
+    return run_dir.path, result

@@ -1,0 +1,49 @@
+"""The strategy interface: turn the sites' adapter updates into the next global adapter.
+
+A site's update is ``delta_k = theta_k - theta`` (its locally trained adapter minus the global
+adapter it started from) with a weight ``n_k`` (its number of training examples). Strategies
+only see updates, never data; one cohort is aggregated at a time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+State = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """One site's contribution to a round: its update and its aggregation weight."""
+
+    site: str
+    delta: State
+    weight: float
+
+
+class Strategy(ABC):
+    """Owns the update rule; ``aggregate`` is called once per cohort per round."""
+
+    name: str = "strategy"
+
+    @abstractmethod
+    def aggregate(self, global_state: State, updates: Sequence[SiteUpdate]) -> dict[str, np.ndarray]:
+        """Return the next global state from the current one and the sites' updates."""
+
+
+def _registry() -> dict[str, type[Strategy]]:
+    from .fedavg import FedAvg
+
+    return {"fedavg": FedAvg}
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy registered under ``name``; an unknown name lists the known ones."""
+    known = _registry()
+    if name not in known:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(known))}")
+    return known[name]()
