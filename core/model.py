@@ -143,7 +143,8 @@ class LoraRuntime:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
             auto = getattr(transformers, self.task.auto_class_name)
-            model = auto.from_pretrained(str(self.path), num_labels=2, dtype=torch.float32)
+            # the head is replaced per cohort, so a checkpoint with a head of another size is fine
+            model = auto.from_pretrained(str(self.path), num_labels=2, dtype=torch.float32, ignore_mismatched_sizes=True)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load the base model from {self.path}: {e}") from None
         if self.tokenizer.pad_token_id is None:

@@ -6,7 +6,7 @@ Encoding of one array ``x`` (float32 in memory):
 
 * ``float32``: the IEEE-754 binary32 little-endian bytes of ``x`` (exact).
 * ``bfloat16``: the upper 16 bits of each binary32 after round-to-nearest-even,
-  ``u16 = (u32 + 0x7FFF + ((u32 >> 16) & 1)) >> 16``. Relative error <= 2^-8.
+  ``u16 = (u32 + 0x7FFF + ((u32 >> 16) & 1)) >> 16``. Relative error <= 2^-8 for normal numbers.
 * ``float16``: IEEE binary16 (relative error <= 2^-11 for |x| in [6.1e-5, 65504]).
 
 Decoding always yields float32. Non-finite values are refused on both ends, and so are values
@@ -59,6 +59,8 @@ def encode_array(name: str, x: np.ndarray, dtype: str) -> WireArray:
     else:
         u = x.view(np.uint32).astype(np.uint64)
         rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+        if np.any((rounded & 0x7F80) == 0x7F80):  # exponent all ones: rounded up to Inf
+            raise WireError(f"array {name!r} has values beyond bfloat16's range (|x| > 3.39e38); use float32")
         data = rounded.tobytes()
     return WireArray(dtype=dtype, shape=tuple(int(s) for s in x.shape), data=data)
 

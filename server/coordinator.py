@@ -8,6 +8,7 @@ One run:
    (keys, shapes, finite values), aggregate each cohort's updates with the strategy, then
    send the new adapter (``evaluate``) and combine the sites' eval metrics weighted by
    their example counts; append one line to ``metrics.jsonl``;
+   (line ``round = 0`` evaluates the initial adapter before any training);
 4. save each cohort's adapter in PEFT format and write ``summary.json``.
 
 A site that fails or sends a bad update is logged and left out of that round's aggregate;
@@ -187,6 +188,9 @@ class Coordinator:
         self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
         rounds = self.cfg.train.rounds
         last: dict[str, Any] = {}
+        initial: dict[str, Any] = {"round": 0, "cohorts": {}, "bytes_up": 0, "bytes_down": 0}
+        self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
+        self.run_dir.append_metrics(initial)
         bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)
         try:
             for r in range(1, rounds + 1):
@@ -219,6 +223,7 @@ class Coordinator:
                 c.name: {"sites": sorted(c.nodes.values()), "labels": c.labels,
                          "accuracy": last["cohorts"][c.name]["accuracy"], "eval_loss": last["cohorts"][c.name]["eval_loss"],
                          "majority_baseline": last["cohorts"][c.name]["majority_baseline"],
+                         "initial_accuracy": initial["cohorts"][c.name]["accuracy"],
                          "train_loss": last["cohorts"][c.name]["train_loss"], "adapter": f"adapters/{c.name}"}
                 for c in self.cohorts.values()
             },

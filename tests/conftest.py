@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny BERT built from a config (no downloads), small run configs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fedlora.config import config_from_dict
+from fedlora.model import resolve_model_path, PACKAGED_MODEL
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer MiniLM: the packaged checkpoint's config cut to one transformer layer, with
+    its pretrained embeddings and first layer (a random-init tiny BERT cannot learn with LoRA
+    alone), saved without a task head, with the packaged tokenizer. No download."""
+    import transformers
+    from transformers import AutoModel
+
+    transformers.logging.set_verbosity_error()
+    out = tmp_path_factory.mktemp("tiny-minilm")
+    src = resolve_model_path(PACKAGED_MODEL)
+    AutoModel.from_pretrained(str(src), num_hidden_layers=1).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    return out
+
+
+def tiny_config(model: Path, out: Path, **over: object) -> object:
+    """A fast run: tiny model, 2 cohorts of 2 demo sites, 2 rounds."""
+    data = {
+        "seed": 7, "out": str(out),
+        "model": {"source": str(model), "max_length": 32},
+        "lora": {"rank": 4, "alpha": 8.0},
+        "train": {"rounds": 2, "local_steps": 4, "batch_size": 8, "learning_rate": 0.01},
+        "demo": {"examples_per_site": 40},
+        "cohorts": {"finance": {"sites": 2}, "medical": {"sites": 2}},
+    }
+    for dotted, value in over.items():
+        node = data
+        parts = dotted.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return config_from_dict(data)
+
+
+@pytest.fixture
+def make_config(tiny_model: Path):
+    """``make_config(out, train__rounds=3, ...)``: a tiny-model RunConfig (see ``tiny_config``)."""
+    return lambda out, **over: tiny_config(tiny_model, out, **over)
