@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from .errors import WireError
 from .wire import WireArray, decode_state, encode_state, payload_bytes
@@ -32,3 +32,27 @@ def from_record(record: ArrayRecord, expected: Mapping[str, tuple[int, ...]] | N
             raise WireError(f"array {k!r} has serialisation {a.stype!r}, expected {STYPE!r}")
         wire[k] = WireArray(dtype=a.dtype, shape=tuple(a.shape), data=a.data)
     return decode_state(wire, expected), payload_bytes(wire)
+
+
+def _value_bytes(v: object) -> int:
+    if isinstance(v, (list, tuple)):
+        return sum(_value_bytes(x) for x in v)
+    if isinstance(v, str):
+        return len(v.encode("utf-8"))
+    if isinstance(v, bytes):
+        return len(v)
+    if isinstance(v, bool):
+        return 1
+    return 8  # int and float travel as 64-bit scalars
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message's content: every record's name, every key, every value
+    (array data as encoded, scalars as 8 bytes, strings as UTF-8). Transport framing
+    (gRPC, protobuf tags, message metadata) is not counted."""
+    total = 0
+    for name, record in content.items():
+        total += len(name.encode("utf-8"))
+        for k, v in record.items():
+            total += len(k.encode("utf-8")) + (len(v.data) if isinstance(v, Array) else _value_bytes(v))
+    return total

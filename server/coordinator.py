@@ -31,7 +31,7 @@ from tqdm import tqdm
 from fedlora.config import RunConfig
 from fedlora.errors import FederationError, FedloraError
 from fedlora.model import ModelSpec, get_runtime
-from fedlora.records import from_record, to_record
+from fedlora.records import content_bytes, from_record, to_record
 from fedlora.strategies import SiteUpdate, get_strategy
 
 from .rundir import RunDir
@@ -62,11 +62,14 @@ class Coordinator:
         self.cohorts = {c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts}
         self.expected_sites, self.wait_timeout, self.round_timeout = expected_sites, wait_timeout, round_timeout
         self.totals = RoundTotals()
+        self._received_bytes = 0
 
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
+        """Send, wait for the replies, and count every reply's content bytes as uploaded."""
         replies = grid.send_and_receive(messages, timeout=self.round_timeout)
         out = {r.metadata.src_node_id: r for r in replies}
+        self._received_bytes += sum(content_bytes(r.content) for r in out.values() if not r.has_error())
         for m in messages:
             if m.metadata.dst_node_id not in out:
                 log.warning("no reply from node %s (%s) within the timeout", m.metadata.dst_node_id, m.metadata.message_type)
@@ -108,8 +111,9 @@ class Coordinator:
             "train.weight_decay": float(t.weight_decay), "train.max_grad_norm": float(t.max_grad_norm),
             "train.eval_fraction": float(t.eval_fraction), **self.spec.to_flat(),
         }
-        record, nbytes = to_record(cohort.state, self.cfg.federation.wire_dtype)
-        return RecordDict({"adapter": record, "config": ConfigRecord(cfg)}), nbytes
+        record, _ = to_record(cohort.state, self.cfg.federation.wire_dtype)
+        content = RecordDict({"adapter": record, "config": ConfigRecord(cfg)})
+        return content, content_bytes(content)
 
     def _broadcast(self, kind: str, round_: int) -> tuple[list[Message], int]:
         messages, down = [], 0
@@ -123,8 +127,8 @@ class Coordinator:
     # ---- one round -------------------------------------------------------------------
     def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         messages, down = self._broadcast("train", round_)
+        before = self._received_bytes
         replies = self._exchange(grid, messages)
-        up = 0
         for cohort in self.cohorts.values():
             shapes = {k: v.shape for k, v in cohort.state.items()}
             updates, losses, failed, seconds = [], [], [], []
@@ -136,13 +140,12 @@ class Coordinator:
                         log.warning("round %d: %s", round_, reply.error.reason)
                     continue
                 try:
-                    delta, nbytes = from_record(reply.content["update"], shapes)
+                    delta, _ = from_record(reply.content["update"], shapes)
                 except FedloraError as e:
                     log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
                     failed.append(site)
                     continue
                 m = reply.content["metrics"]
-                up += nbytes
                 updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
                 losses.append((float(m["train_loss"]), float(m["num_examples"])))
                 seconds.append(float(m["train_seconds"]))
@@ -152,13 +155,16 @@ class Coordinator:
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
                           "site_train_seconds": float(np.sum(seconds))})
+        up = self._received_bytes - before
         self.totals.bytes_up += up
         self.totals.bytes_down += down
         line["bytes_up"], line["bytes_down"] = up, down
 
     def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         messages, down = self._broadcast("evaluate", round_)
+        before = self._received_bytes
         replies = self._exchange(grid, messages)
+        up = self._received_bytes - before
         for cohort in self.cohorts.values():
             losses, accs, counts = [], [], np.zeros(len(cohort.labels), dtype=np.int64)
             for node, site in cohort.nodes.items():
@@ -175,7 +181,9 @@ class Coordinator:
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"eval_loss": _weighted(losses), "accuracy": _weighted(accs), "eval_examples": int(counts.sum()),
                           "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None})
+        self.totals.bytes_up += up
         self.totals.bytes_down += down
+        line["bytes_up"] += up
         line["bytes_down"] += down
 
     # ---- the run ---------------------------------------------------------------------
@@ -188,7 +196,9 @@ class Coordinator:
         self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
         rounds = self.cfg.train.rounds
         last: dict[str, Any] = {}
-        initial: dict[str, Any] = {"round": 0, "cohorts": {}, "bytes_up": 0, "bytes_down": 0}
+        # round 0 carries the sites' identification replies and the evaluation of the initial adapter
+        initial: dict[str, Any] = {"round": 0, "cohorts": {}, "bytes_up": self._received_bytes, "bytes_down": 0}
+        self.totals.bytes_up += self._received_bytes
         self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
         self.run_dir.append_metrics(initial)
         bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)

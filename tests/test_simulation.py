@@ -88,3 +88,20 @@ def test_existing_run_directory_is_never_overwritten(make_config, tmp_path: Path
     with pytest.raises(ConfigError, match="already exists and is not empty"):
         simulate(make_config(out), progress=False)
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_the_base_model_is_loaded_once_for_all_sites_and_rounds(make_config, tmp_path: Path, monkeypatch) -> None:
+    from fedlora import model
+
+    monkeypatch.setattr(model, "_RUNTIMES", {})
+    loads = []
+    real_init = model.LoraRuntime.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(args[0])
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(model.LoraRuntime, "__init__", counting_init)
+    _, summary = simulate(make_config(tmp_path / "run", train__rounds=3), progress=False)
+    assert summary["sites"] == 4 and summary["rounds_completed"] == 3
+    assert len(loads) == 1, "one base model for the coordinator and every virtual site, across rounds"

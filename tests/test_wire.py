@@ -80,3 +80,16 @@ def test_wrong_shape_keys_or_length_are_refused() -> None:
     with pytest.raises(WireError, match="bytes"):
         decode_array("classifier.bias", WireArray(w.dtype, w.shape, w.data[:-4]))
     assert payload_bytes(wire) > 0
+
+
+def test_content_bytes_counts_every_record_key_and_value() -> None:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedlora.records import content_bytes
+
+    record, array_bytes = to_record({"w": np.zeros(3, np.float32)}, "float32")  # 12 data + 1 key
+    content = RecordDict({"adapter": record, "config": ConfigRecord({"round": 2, "cohort": "médical", "labels": ["a", "bc"]}),
+                          "m": MetricRecord({"loss": 0.5})})
+    expected = (len("adapter") + array_bytes) + (len("config") + len("round") + 8 + len("cohort") + len("médical".encode())
+                                                 + len("labels") + 3) + (len("m") + len("loss") + 8)
+    assert content_bytes(content) == expected
