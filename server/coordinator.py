@@ -167,7 +167,7 @@ class Coordinator:
         up = self._received_bytes - before
         for cohort in self.cohorts.values():
             losses, accs, counts = [], [], np.zeros(len(cohort.labels), dtype=np.int64)
-            for node, site in cohort.nodes.items():
+            for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):  # a fixed order: same float sums on every engine
                 reply = replies.get(node)
                 if reply is None or reply.has_error():
                     if reply is not None:
