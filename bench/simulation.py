@@ -33,7 +33,7 @@ def _cohorts(n_sites: int) -> dict[str, dict[str, int]]:
 def run_once(engine: str, n_sites: int, args: argparse.Namespace, root: Path) -> dict[str, float]:
     cfg = config_from_dict({
         "seed": 0, "out": str(root / f"{engine}-{n_sites}"),
-        "train": {"rounds": args.rounds, "local_steps": args.local_steps},
+        "train": {"rounds": args.rounds, "local_steps": args.local_steps, "eval_every": args.eval_every},
         "demo": {"examples_per_site": args.examples_per_site},
         "federation": {"engine": engine},
         "cohorts": _cohorts(n_sites),
@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--local-steps", type=int, default=8)
     ap.add_argument("--examples-per-site", type=int, default=120)
+    ap.add_argument("--eval-every", type=int, default=1, help="train.eval_every (evaluation is site work the ratio counts as overhead)")
     ap.add_argument("--engines", default="inprocess,ray")
     args = ap.parse_args()
     engines = args.engines.split(",")

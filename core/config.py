@@ -13,7 +13,7 @@ TOML layout (every key optional; see ``RunConfig`` for defaults)::
     [lora]       rank, alpha, dropout, target_modules, mode
     [task]       kind
     [train]      rounds, local_steps, local_epochs, batch_size, optimizer, learning_rate,
-                 weight_decay, eval_fraction, max_grad_norm
+                 weight_decay, eval_fraction, eval_every, max_grad_norm
     [federation] engine, strategy, wire_dtype, ray_cpus_per_site
     [demo]       examples_per_site, size_skew, label_skew
     [cohorts.<name>] sites, labels, data, text_column, label_column
@@ -108,6 +108,7 @@ class TrainConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     eval_fraction: float = 0.2
+    eval_every: int = 1  # evaluate after every k-th round, and always after round 0 and the last
     max_grad_norm: float = 0.0  # > 0 clips the (batch) gradient norm; DP clipping is separate
 
     def __post_init__(self) -> None:
@@ -117,6 +118,7 @@ class TrainConfig:
         positive_int("train.rounds", self.rounds, 100_000)
         positive_int("train.local_steps", self.local_steps, 10_000_000)
         positive_int("train.batch_size", self.batch_size, 65_536)
+        positive_int("train.eval_every", self.eval_every, 100_000)
         _require(isinstance(self.local_epochs, (int, float)) and 0 <= self.local_epochs <= 1000,
                  "train.local_epochs", self.local_epochs, "must be 0 (use local_steps) or a positive number of epochs")
         _one_of("train.optimizer", self.optimizer, ("adamw", "sgd"))

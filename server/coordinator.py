@@ -6,7 +6,8 @@ One run:
 2. per cohort, start from the initial adapter (a pure function of seed and cohort);
 3. each round: send every site its cohort's global adapter (``train``), check every reply
    (keys, shapes, finite values), aggregate each cohort's updates with the strategy, then
-   send the new adapter (``evaluate``) and combine the sites' eval metrics weighted by
+   send the new adapter (``evaluate``, every ``train.eval_every`` rounds and after the last)
+   and combine the sites' eval metrics weighted by
    their example counts; append one line to ``metrics.jsonl``;
    (line ``round = 0`` evaluates the initial adapter before any training);
 4. save each cohort's adapter in PEFT format and write ``summary.json``.
@@ -207,11 +208,14 @@ class Coordinator:
                 t0 = time.perf_counter()
                 line: dict[str, Any] = {"round": r, "cohorts": {}}
                 self._train_round(grid, r, line)
-                self._evaluate_round(grid, r, line)
+                if r % self.cfg.train.eval_every == 0 or r == rounds:
+                    self._evaluate_round(grid, r, line)
                 line["seconds"] = time.perf_counter() - t0
                 self.run_dir.append_metrics(line)
                 last = line
-                bar.set_postfix({c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None})
+                accuracy = {c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None}
+                if accuracy:
+                    bar.set_postfix(accuracy)
                 bar.update(1)
         finally:
             bar.close()

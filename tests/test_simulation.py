@@ -90,6 +90,13 @@ def test_existing_run_directory_is_never_overwritten(make_config, tmp_path: Path
     assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
 
 
+def test_eval_every_skips_evaluations_but_not_the_last(make_config, tmp_path: Path) -> None:
+    run, summary = simulate(make_config(tmp_path / "run", train__rounds=3, train__eval_every=2), progress=False)
+    evaluated = [x["round"] for x in _lines(run) if "accuracy" in x["cohorts"]["finance"]]
+    assert evaluated == [0, 2, 3]
+    assert summary["cohorts"]["finance"]["accuracy"] == _lines(run)[-1]["cohorts"]["finance"]["accuracy"]
+
+
 def test_the_base_model_is_loaded_once_for_all_sites_and_rounds(make_config, tmp_path: Path, monkeypatch) -> None:
     from fedlora import model
 
