@@ -9,7 +9,7 @@ Message types and their records:
                -> ``ArrayRecord "update"`` (trained minus global, wire dtype),
                   ``MetricRecord "metrics"``: num_examples, train_loss, steps, train_seconds.
 * ``evaluate`` <- the same records; -> ``MetricRecord "metrics"``: eval_loss, accuracy,
-                  num_examples, label_counts.
+                  num_examples, label_counts, eval_seconds.
 
 A problem at the site (bad data, wrong cohort, non-finite update) becomes an error reply
 whose reason names it; the coordinator logs it and aggregates without that site.
@@ -116,7 +116,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         runtime, cfg, data, state = prepare(msg, site)
         res = evaluate_local(runtime, state, data.eval, seed=int(cfg["seed"]), cohort=site.cohort, num_labels=len(data.labels))
         return RecordDict({"metrics": MetricRecord({"eval_loss": res.loss, "accuracy": res.accuracy,
-                                                    "num_examples": res.num_examples, "label_counts": res.label_counts})})
+                                                    "num_examples": res.num_examples, "label_counts": res.label_counts,
+                                                    "eval_seconds": res.seconds})})
 
     app.query()(guarded(query))
     app.train()(guarded(train))

@@ -98,6 +98,7 @@ class EvalResult:
     accuracy: float
     num_examples: int
     label_counts: list[int]  # eval examples per class (for the majority-class baseline)
+    seconds: float  # wall time of the forward passes
 
 
 @torch.no_grad()
@@ -109,6 +110,7 @@ def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], exampl
     model.eval()
     pad = int(runtime.tokenizer.pad_token_id)
     total_loss, correct = 0.0, 0
+    start_time = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         index = np.arange(start, min(start + batch_size, len(examples)))
         batch = runtime.task.batch(examples, index, pad, runtime.device)
@@ -116,7 +118,8 @@ def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], exampl
             loss, logits = runtime.task.loss(model, batch)
         total_loss += float(loss) * len(index)
         correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+    seconds = time.perf_counter() - start_time
     model.train()
     n = len(examples)
     counts = np.bincount(examples.labels, minlength=num_labels).tolist()
-    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n, label_counts=[int(c) for c in counts])
+    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n, label_counts=[int(c) for c in counts], seconds=seconds)

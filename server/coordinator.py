@@ -167,7 +167,7 @@ class Coordinator:
         replies = self._exchange(grid, messages)
         up = self._received_bytes - before
         for cohort in self.cohorts.values():
-            losses, accs, counts = [], [], np.zeros(len(cohort.labels), dtype=np.int64)
+            losses, accs, seconds, counts = [], [], [], np.zeros(len(cohort.labels), dtype=np.int64)
             for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):  # a fixed order: same float sums on every engine
                 reply = replies.get(node)
                 if reply is None or reply.has_error():
@@ -178,9 +178,11 @@ class Coordinator:
                 n = float(m["num_examples"])
                 losses.append((float(m["eval_loss"]), n))
                 accs.append((float(m["accuracy"]), n))
+                seconds.append(float(m["eval_seconds"]))
                 counts += np.asarray(list(m["label_counts"]), dtype=np.int64)
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"eval_loss": _weighted(losses), "accuracy": _weighted(accs), "eval_examples": int(counts.sum()),
+                          "site_eval_seconds": float(np.sum(seconds)),
                           "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None})
         self.totals.bytes_up += up
         self.totals.bytes_down += down

@@ -54,3 +54,11 @@ def tiny_config(model: Path, out: Path, **over: object) -> object:
 def make_config(tiny_model: Path):
     """``make_config(out, train__rounds=3, ...)``: a tiny-model RunConfig (see ``tiny_config``)."""
     return lambda out, **over: tiny_config(tiny_model, out, **over)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` (real labelled sets, on development and CI machines only); skips where absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent: real data sets exist on development and CI machines only")
+    return SHARED_DATA

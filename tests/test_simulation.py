@@ -112,3 +112,17 @@ def test_the_base_model_is_loaded_once_for_all_sites_and_rounds(make_config, tmp
     _, summary = simulate(make_config(tmp_path / "run", train__rounds=3), progress=False)
     assert summary["sites"] == 4 and summary["rounds_completed"] == 3
     assert len(loads) == 1, "one base model for the coordinator and every virtual site, across rounds"
+
+
+def test_real_financial_phrasebank_slice(make_config, tmp_path: Path, shared_data: Path) -> None:
+    """Real labelled data: 300 rows of the Financial PhraseBank split across 3 sites."""
+    import pandas as pd
+
+    source = shared_data / "finance_fpb" / "data.csv"
+    part = tmp_path / "fpb.csv"
+    pd.read_csv(source).sample(n=300, random_state=0).to_csv(part, index=False)
+    cfg = make_config(tmp_path / "run", train__rounds=1, cohorts={"finance": {"sites": 3, "data": str(part)}})
+    run, summary = simulate(cfg, progress=False)
+    c = summary["cohorts"]["finance"]
+    assert c["labels"] == ["negative", "neutral", "positive"]
+    assert _lines(run)[0]["cohorts"]["finance"]["eval_examples"] == 60
