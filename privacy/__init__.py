@@ -1,6 +1,8 @@
-"""Privacy: DP-SGD wiring, client-level DP, the privacy ledger, budgets, secure aggregation.
+"""Privacy: the pure math of differential privacy (events, accounting, ledger, clipping/noise).
 
-Empty until the privacy and secure-aggregation issues land; the federation loop already
-keeps everything a site sends behind one function (the ClientApp's train handler) and the
-coordinator's aggregation behind one linear call, which is where they plug in.
+In place: ``events`` (frozen, serialisable privacy events), ``accounting`` (RDP and PRV
+composition, noise calibration), ``ledger`` (the per-site record and budget check) and
+``clipping`` (client-level clip and Gaussian noise). Still to come (see the privacy and
+secure-aggregation issues): Opacus DP-SGD at the sites, budget enforcement in the rounds,
+``fedlora privacy-report``, secure aggregation.
 """

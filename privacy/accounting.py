@@ -1,0 +1,95 @@
+"""From privacy events to (epsilon, delta): composition of subsampled Gaussian mechanisms.
+
+Each event contributes ``steps`` applications of the Poisson-subsampled Gaussian mechanism
+with noise multiplier sigma and sample rate q. Accountants:
+
+* ``rdp`` (default): Renyi DP of the sampled Gaussian (Mironov, Talwar, Zhang 2019), summed
+  over all steps at orders alpha in ``RDP_ORDERS``, converted with Balle et al. 2020, Thm 21:
+  ``eps = min_alpha rdp(alpha) + log((alpha-1)/alpha) - (log delta + log alpha) / (alpha - 1)``.
+  The per-order values come from Opacus's analysis module (numpy/scipy, no torch code).
+* ``prv``: the privacy-random-variable accountant (Gopi, Lee, Wutschitz 2021), via Opacus.
+
+A mechanism with noise multiplier 0 gives no DP guarantee: epsilon is ``math.inf``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+ACCOUNTANTS = ("rdp", "prv")
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """``steps`` applications of the Poisson-subsampled Gaussian (noise sigma, rate q)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def _check_accountant(name: str) -> None:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {name!r}; known: {', '.join(ACCOUNTANTS)}")
+
+
+def epsilon(mechanisms: Iterable[Mechanism], delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of the composition of all mechanisms (0 for none, inf without noise)."""
+    _check_accountant(accountant)
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    mechs = [m for m in mechanisms if m.steps > 0]
+    if not mechs:
+        return 0.0
+    if any(m.noise_multiplier <= 0 for m in mechs):
+        return math.inf
+    if accountant == "rdp":
+        import numpy as np
+        from opacus.accountants.analysis import rdp as rdp_analysis
+
+        total = sum(np.asarray(rdp_analysis.compute_rdp(q=m.sample_rate, noise_multiplier=m.noise_multiplier, steps=m.steps,
+                                                        orders=list(RDP_ORDERS))) for m in mechs)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+        return float(eps)
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(m.noise_multiplier, m.sample_rate, m.steps) for m in mechs]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, *, accountant: str = "rdp",
+                    prior: Sequence[Mechanism] = (), tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier (within ``tolerance`` in epsilon) such that the
+    composition of ``prior`` and ``steps`` new steps at ``sample_rate`` stays <= target."""
+    if target_epsilon <= 0:
+        raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
+    spent = epsilon(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise ValueError(f"the budget is already spent: epsilon {spent:.4g} >= target {target_epsilon:.4g}")
+
+    def eps_at(sigma: float) -> float:
+        with warnings.catch_warnings():  # the search probes extreme sigmas whose optimal RDP order is at the edge
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            return epsilon([*prior, Mechanism(sigma, sample_rate, steps)], delta, accountant)
+
+    lo, hi = 0.0, 1.0
+    while eps_at(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon {target_epsilon} in {steps} steps at rate {sample_rate}")
+    while True:
+        mid = (lo + hi) / 2
+        e = eps_at(mid)
+        if e > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+            if target_epsilon - e <= tolerance * target_epsilon:
+                return hi
+        if hi - lo < 1e-9:
+            return hi

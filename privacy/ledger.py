@@ -1,0 +1,76 @@
+"""The privacy ledger: every privacy event of a run, persisted; epsilon is derived, never stored.
+
+``spent(site)`` composes all of that site's DP-SGD events from round 1 on; ``would_exceed``
+answers "may this site run another round at these parameters within its budget?" before any
+training happens. The ledger is a JSON document (``privacy_ledger.json`` in a run directory
+and in checkpoints), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from .accounting import Mechanism, epsilon
+from .events import ClientDpEvent, DpSgdEvent, Event, event_from_dict, event_to_dict
+
+LEDGER_FORMAT = "fedlora-privacy-ledger/1"
+
+
+class PrivacyLedger:
+    def __init__(self, events: Iterable[Event] = ()) -> None:
+        self._events: list[Event] = list(events)
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        return tuple(self._events)
+
+    def record(self, event: Event) -> None:
+        self._events.append(event)
+
+    def site_events(self, site: str) -> list[DpSgdEvent]:
+        return [e for e in self._events if isinstance(e, DpSgdEvent) and e.site == site]
+
+    def cohort_events(self, cohort: str) -> list[ClientDpEvent]:
+        return [e for e in self._events if isinstance(e, ClientDpEvent) and e.cohort == cohort]
+
+    @staticmethod
+    def _mechanisms(events: Iterable[DpSgdEvent | ClientDpEvent]) -> list[Mechanism]:
+        return [Mechanism(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
+
+    def spent(self, site: str, delta: float, accountant: str = "rdp") -> float:
+        """Sample-level epsilon a site has spent over all its recorded rounds."""
+        return epsilon(self._mechanisms(self.site_events(site)), delta, accountant)
+
+    def client_level_spent(self, cohort: str, delta: float, accountant: str = "rdp") -> float:
+        """Client-level epsilon (privacy unit: one whole site) of a cohort's aggregate."""
+        return epsilon(self._mechanisms(self.cohort_events(cohort)), delta, accountant)
+
+    def would_exceed(self, planned: DpSgdEvent, budget_epsilon: float, delta: float, accountant: str = "rdp") -> tuple[bool, float]:
+        """(True if recording ``planned`` would take its site past the budget, the epsilon it would reach)."""
+        after = epsilon(self._mechanisms([*self.site_events(planned.site), planned]), delta, accountant)
+        return after > budget_epsilon, after
+
+    def to_json(self) -> dict:
+        return {"format": LEDGER_FORMAT, "events": [event_to_dict(e) for e in self._events]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PrivacyLedger:
+        if data.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"not a fedlora privacy ledger (format {data.get('format')!r}, expected {LEDGER_FORMAT!r})")
+        return cls(event_from_dict(e) for e in data["events"])
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.to_json(), f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, p)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrivacyLedger:
+        return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
