@@ -53,7 +53,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
             except UnicodeDecodeError as e:
                 line = raw[: e.start].count(b"\n") + 1
                 raise DataError(f"{p}: not valid UTF-8 (byte {e.start}, line {line}: {e.reason}); re-encode the file as UTF-8") from None
-            df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8")
+            df = pd.read_csv(p, dtype=str, keep_default_na=False, encoding="utf-8-sig")  # -sig: a BOM (Excel) is not part of a name
         elif kind == "jsonl":
             try:
                 df = pd.read_json(p, lines=True, dtype=False, encoding="utf-8")

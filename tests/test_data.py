@@ -63,6 +63,12 @@ def test_csv_jsonl_and_parquet_load_the_same(tmp_path: Path) -> None:
         assert data.labels.tolist() == [3, 0, 2, 1]
 
 
+def test_csv_with_a_byte_order_mark_and_crlf_lines(tmp_path: Path) -> None:
+    path = _write(tmp_path / "excel.csv", "\ufefftext,label\r\nsehr gut,pos\r\nschlecht,neg\r\n")
+    data, labels = load_labelled_texts(path, "text", "label", None)
+    assert data.texts == ("sehr gut", "schlecht") and labels == ["neg", "pos"]
+
+
 def test_label_list_from_config_fixes_the_ids(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.csv", "text,label\na,pos\nb,neg\n")
     data, labels = load_labelled_texts(path, "text", "label", ["pos", "neg", "neutral"])
