@@ -7,7 +7,10 @@ Message types and their records:
                   ``ConfigRecord "config"`` (round, cohort, labels, seed, model spec, local
                   training settings, wire dtype);
                -> ``ArrayRecord "update"`` (trained minus global, wire dtype),
-                  ``MetricRecord "metrics"``: num_examples, train_loss, steps, train_seconds.
+                  ``MetricRecord "metrics"``: num_examples, train_loss, steps, train_seconds;
+                  with DP also ``ConfigRecord "privacy"``: the round's DpSgdEvent fields,
+                  epsilon_spent, budget_epsilon, delta, delta_rule. A round that would exceed
+                  the site's budget is refused (error code 4202, ``BudgetExhausted``).
 * ``evaluate`` <- the same records; -> ``MetricRecord "metrics"``: eval_loss, accuracy,
                   num_examples, label_counts, eval_seconds.
 
@@ -24,17 +27,18 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.errors import FedloraError
+from fedlora.errors import SITE_ERROR_CODE, FedloraError
 from fedlora.model import LoraRuntime, ModelSpec, get_runtime
 from fedlora.records import from_record, to_record
 from fedlora.task import EncodedExamples
 
 from .data import load_labelled_texts, shard, split_train_eval
+from .privacy_site import BUDGET_EXHAUSTED, BudgetExhausted, private_round
 from .site import SiteSpec
 from .trainer import LocalTrainSettings, evaluate_local, train_local
 
 log = logging.getLogger("fedlora.client")
-SITE_ERROR = 4201  # Error.code of a reply refused by fedlora at the site
+SITE_ERROR = SITE_ERROR_CODE
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,10 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             try:
                 return Message(handler(msg, ctx, site), reply_to=msg)
             except FedloraError as e:
-                log.error("site %s refused %s: %s", site.name, msg.metadata.message_type, e)
-                return Message(Error(code=SITE_ERROR, reason=f"site {site.name}: {e}"), reply_to=msg)
+                budget = isinstance(e, BudgetExhausted)  # expected once a budget is spent: not an error
+                log.log(logging.WARNING if budget else logging.ERROR, "site %s refused %s: %s", site.name, msg.metadata.message_type, e)
+                code = BUDGET_EXHAUSTED if budget else SITE_ERROR
+                return Message(Error(code=code, reason=f"site {site.name}: {e}"), reply_to=msg)
 
         return run
 
@@ -105,12 +111,21 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
 
     def train(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         runtime, cfg, data, state = prepare(msg, site)
-        result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
-                             cohort=site.cohort, num_labels=len(data.labels), round_=int(cfg["round"]))
+        privacy: dict | None = None
+        if bool(cfg.get("privacy.dp", False)):
+            budget = site.budget_epsilon or float(cfg["privacy.epsilon"])
+            result, privacy = private_round(runtime, cfg, ctx, data.train, state, _settings(cfg), site=site.name, cohort=site.cohort,
+                                            num_labels=len(data.labels), budget_epsilon=budget)
+        else:
+            result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
+                                 cohort=site.cohort, num_labels=len(data.labels), round_=int(cfg["round"]))
         update, _ = to_record(result.delta, str(cfg["wire_dtype"]))
         metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss,
                                 "steps": result.steps, "train_seconds": result.seconds})
-        return RecordDict({"update": update, "metrics": metrics})
+        content = RecordDict({"update": update, "metrics": metrics})
+        if privacy is not None:
+            content["privacy"] = ConfigRecord(privacy)
+        return content
 
     def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         runtime, cfg, data, state = prepare(msg, site)

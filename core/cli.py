@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--lora-mode", choices=["standard", "frozen_a"])
     s.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--examples-per-site", type=int, help="demo data rows at the largest site")
+    s.add_argument("--dp", action=argparse.BooleanOptionalAction, default=None, help="DP-SGD at every site (default off)")
+    s.add_argument("--epsilon", type=float, help="each site's privacy budget epsilon (default 8)")
+    s.add_argument("--delta", type=float, help="delta (default: 1e-5, or 0.1/n at a site with n records)")
+    s.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm C (default 1.0)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")
     return p
 
@@ -76,7 +80,8 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         "train.local_epochs": args.local_epochs, "train.batch_size": args.batch_size, "train.learning_rate": args.learning_rate,
         "federation.engine": args.engine, "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source,
         "model.device": args.device, "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
-        "demo.examples_per_site": args.examples_per_site,
+        "demo.examples_per_site": args.examples_per_site, "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
+        "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm,
         "cohorts.*.sites": args.sites, "cohorts.*.text_column": args.text_column, "cohorts.*.label_column": args.label_column,
     }
     if "cohorts" not in data and any(overrides[k] is not None for k in overrides if k.startswith("cohorts.")):
@@ -95,6 +100,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         print(f"\nrun directory: {run_dir}")
         for name, c in summary["cohorts"].items():
             print(f"  {name:<10} accuracy {c['accuracy']:.3f}   majority baseline {c['majority_baseline']:.3f}   sites {len(c['sites'])}")
+        for site, p in summary.get("privacy", {}).get("sites", {}).items():
+            print(f"  {site:<14} epsilon {p['epsilon']:.3f} of {p['budget_epsilon']:g} (delta {p['delta']:.1g}), rounds {p['rounds_joined']}")
         print(f"  rounds {summary['rounds_completed']}, bytes up {summary['bytes_up']:,}, down {summary['bytes_down']:,}, "
               f"{summary['wall_seconds']:.1f} s")
     return 0

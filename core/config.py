@@ -16,6 +16,7 @@ TOML layout (every key optional; see ``RunConfig`` for defaults)::
                  weight_decay, eval_fraction, eval_every, max_grad_norm
     [federation] engine, strategy, wire_dtype, ray_cpus_per_site
     [demo]       examples_per_site, size_skew, label_skew
+    [privacy]    dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant, [privacy.budgets] site = epsilon
     [cohorts.<name>] sites, labels, data, text_column, label_column
 """
 
@@ -148,6 +149,38 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP (DP-SGD) at every site, with a per-site budget (epsilon, delta).
+
+    ``delta = 0`` means automatic: 1e-5, or 0.1 / n at a site with n <= 1e5 training records
+    (delta must stay below 1/n). ``budgets`` gives single sites their own epsilon."""
+
+    dp: bool = False
+    epsilon: float = 8.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 0.0  # 0: each site calibrates sigma to its budget over the planned rounds
+    accountant: str = "rdp"
+    budgets: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.dp, bool), "privacy.dp", self.dp, "must be true or false")
+        _require(isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1000, "privacy.epsilon", self.epsilon, "must be in (0, 1000)")
+        _require(isinstance(self.delta, (int, float)) and 0 <= self.delta < 0.1, "privacy.delta", self.delta, "must be 0 (automatic) or in (0, 0.1)")
+        _require(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0")
+        _require(isinstance(self.noise_multiplier, (int, float)) and 0 <= self.noise_multiplier <= 1e4,
+                 "privacy.noise_multiplier", self.noise_multiplier, "must be 0 (calibrate to the budget) or a positive number")
+        _one_of("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _require(isinstance(self.budgets, Mapping), "privacy.budgets", self.budgets, "must be a table of site = epsilon")
+        for site, eps in self.budgets.items():
+            _require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1000,
+                     f"privacy.budgets.{site}", eps, "must be in (0, 1000)")
+
+    def budget_for(self, site: str) -> float:
+        return float(self.budgets.get(site, self.epsilon))
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The synthetic demo data (used for cohorts without a ``data`` file)."""
 
@@ -210,6 +243,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     cohorts: tuple[CohortConfig, ...] = field(default_factory=_default_cohorts)
 
     def __post_init__(self) -> None:
@@ -244,7 +278,7 @@ class RunConfig:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig, "lora": LoraSettings, "task": TaskConfig, "train": TrainConfig,
-    "federation": FederationConfig, "demo": DemoConfig,
+    "federation": FederationConfig, "demo": DemoConfig, "privacy": PrivacyConfig,
 }
 
 
@@ -261,6 +295,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return float(value)
     if hint is int or text == "int":
         _require(isinstance(value, int) and not isinstance(value, bool), key, value, "must be an integer")
+        return value
+    if text.startswith("Mapping"):
+        _require(isinstance(value, Mapping), key, value, "must be a table")
+        return dict(value)
+    if hint is bool or text == "bool":
+        _require(isinstance(value, bool), key, value, "must be true or false")
         return value
     if hint is str or text == "str":
         _require(isinstance(value, str), key, value, "must be a string")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# ``Error.code`` values of fedlora's error replies (site -> coordinator)
+SITE_ERROR_CODE = 4201  # the site refused the message (bad data, wrong cohort, bad payload, ...)
+BUDGET_EXHAUSTED_CODE = 4202  # the round would exceed the site's privacy budget
+
 
 class FedloraError(Exception):
     """Base of every error fedlora reports to a user (printed as one line, non-zero exit)."""

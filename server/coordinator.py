@@ -30,9 +30,11 @@ from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from fedlora.config import RunConfig
-from fedlora.errors import FederationError, FedloraError
+from fedlora.errors import BUDGET_EXHAUSTED_CODE, FederationError, FedloraError
 from fedlora.model import ModelSpec, get_runtime
 from fedlora.records import content_bytes, from_record, to_record
+from fedlora.privacy.events import event_from_dict
+from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.strategies import SiteUpdate, get_strategy
 
 from .rundir import RunDir
@@ -46,6 +48,7 @@ class Cohort:
     labels: list[str]
     nodes: dict[int, str] = field(default_factory=dict)  # node id -> site name
     state: dict[str, np.ndarray] = field(default_factory=dict)
+    active: bool = True  # False once every site of the cohort has spent its privacy budget
 
 
 @dataclass
@@ -64,6 +67,8 @@ class Coordinator:
         self.expected_sites, self.wait_timeout, self.round_timeout = expected_sites, wait_timeout, round_timeout
         self.totals = RoundTotals()
         self._received_bytes = 0
+        self.ledger = PrivacyLedger()
+        self.site_privacy: dict[str, dict[str, Any]] = {}  # site -> its last privacy record (delta, budget, ...)
 
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
@@ -110,15 +115,20 @@ class Coordinator:
             "wire_dtype": self.cfg.federation.wire_dtype, "train.local_steps": t.local_steps, "train.local_epochs": float(t.local_epochs),
             "train.batch_size": t.batch_size, "train.optimizer": t.optimizer, "train.learning_rate": float(t.learning_rate),
             "train.weight_decay": float(t.weight_decay), "train.max_grad_norm": float(t.max_grad_norm),
-            "train.eval_fraction": float(t.eval_fraction), **self.spec.to_flat(),
+            "train.eval_fraction": float(t.eval_fraction), "train.rounds": t.rounds, **self.spec.to_flat(),
+            "privacy.dp": self.cfg.privacy.dp, "privacy.epsilon": float(self.cfg.privacy.epsilon),
+            "privacy.delta": float(self.cfg.privacy.delta), "privacy.max_grad_norm": float(self.cfg.privacy.max_grad_norm),
+            "privacy.noise_multiplier": float(self.cfg.privacy.noise_multiplier),
+            "privacy.accountant": self.cfg.privacy.accountant,
         }
         record, _ = to_record(cohort.state, self.cfg.federation.wire_dtype)
         content = RecordDict({"adapter": record, "config": ConfigRecord(cfg)})
         return content, content_bytes(content)
 
     def _broadcast(self, kind: str, round_: int) -> tuple[list[Message], int]:
+        """One message per site; ``train`` goes only to cohorts still training."""
         messages, down = [], 0
-        for cohort in self.cohorts.values():
+        for cohort in (c for c in self.cohorts.values() if c.active or kind != "train"):
             content, nbytes = self._content(cohort, round_)
             for node in cohort.nodes:
                 messages.append(Message(content, node, kind, group_id=str(round_)))
@@ -130,11 +140,15 @@ class Coordinator:
         messages, down = self._broadcast("train", round_)
         before = self._received_bytes
         replies = self._exchange(grid, messages)
-        for cohort in self.cohorts.values():
+        for cohort in (c for c in self.cohorts.values() if c.active):
             shapes = {k: v.shape for k, v in cohort.state.items()}
-            updates, losses, failed, seconds = [], [], [], []
+            updates, losses, failed, refused, seconds = [], [], [], [], []
             for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):
                 reply = replies.get(node)
+                if reply is not None and reply.has_error() and reply.error.code == BUDGET_EXHAUSTED_CODE:
+                    log.info("round %d: %s", round_, reply.error.reason)
+                    refused.append(site)
+                    continue
                 if reply is None or reply.has_error():
                     failed.append(site)
                     if reply is not None:
@@ -146,14 +160,25 @@ class Coordinator:
                     log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
                     failed.append(site)
                     continue
+                if "privacy" in reply.content:
+                    record = dict(reply.content["privacy"])
+                    self.ledger.record(event_from_dict({k: v for k, v in record.items()
+                                                        if k not in ("epsilon_spent", "budget_epsilon", "delta", "delta_rule")}))
+                    self.site_privacy[site] = record
                 m = reply.content["metrics"]
                 updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
                 losses.append((float(m["train_loss"]), float(m["num_examples"])))
                 seconds.append(float(m["train_seconds"]))
-            if not updates:
-                raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed ({', '.join(failed)}); stopping")
-            cohort.state = self.strategy.aggregate(cohort.state, updates)
             entry = line["cohorts"].setdefault(cohort.name, {})
+            entry["sites_refused_budget"] = refused
+            if not updates and refused and not failed:
+                log.warning("round %d: every site of cohort %r has spent its privacy budget; the cohort stops training", round_, cohort.name)
+                cohort.active = False
+                entry.update({"sites_trained": 0, "sites_failed": [], "site_train_seconds": 0.0})
+                continue
+            if not updates:
+                raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed ({', '.join(failed + refused)}); stopping")
+            cohort.state = self.strategy.aggregate(cohort.state, updates)
             entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
                           "site_train_seconds": float(np.sum(seconds))})
         up = self._received_bytes - before
@@ -190,6 +215,9 @@ class Coordinator:
         line["bytes_down"] += down
 
     # ---- the run ---------------------------------------------------------------------
+    def _privacy_summary(self) -> dict[str, Any]:
+        return _privacy_summary_of(self.ledger, self.site_privacy, self.cfg.privacy.dp)
+
     def run(self, grid: Grid) -> dict[str, Any]:
         start = time.perf_counter()
         self._discover(grid)
@@ -214,6 +242,8 @@ class Coordinator:
                     self._evaluate_round(grid, r, line)
                 line["seconds"] = time.perf_counter() - t0
                 self.run_dir.append_metrics(line)
+                if self.cfg.privacy.dp:
+                    self.ledger.save(self.run_dir.path / "privacy_ledger.json")
                 last = line
                 accuracy = {c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None}
                 if accuracy:
@@ -240,12 +270,28 @@ class Coordinator:
                          "accuracy": last["cohorts"][c.name]["accuracy"], "eval_loss": last["cohorts"][c.name]["eval_loss"],
                          "majority_baseline": last["cohorts"][c.name]["majority_baseline"],
                          "initial_accuracy": initial["cohorts"][c.name]["accuracy"],
-                         "train_loss": last["cohorts"][c.name]["train_loss"], "adapter": f"adapters/{c.name}"}
+                         "train_loss": last["cohorts"][c.name].get("train_loss"), "adapter": f"adapters/{c.name}"}
                 for c in self.cohorts.values()
             },
         }
+        summary["privacy"] = self._privacy_summary()
         self.run_dir.write_json("summary.json", summary)
         return summary
+
+
+def _privacy_summary_of(ledger: PrivacyLedger, site_privacy: dict[str, dict[str, Any]], dp: bool) -> dict[str, Any]:
+    """Per site: epsilon recomputed from the run's ledger, with the site's delta and budget."""
+    if not dp:
+        return {"dp": False}
+    sites = {}
+    for site, rec in sorted(site_privacy.items()):
+        events = ledger.site_events(site)
+        sites[site] = {"epsilon": ledger.spent(site, float(rec["delta"]), str(rec["accountant"])), "delta": float(rec["delta"]),
+                       "delta_rule": rec["delta_rule"], "budget_epsilon": float(rec["budget_epsilon"]),
+                       "noise_multiplier": float(rec["noise_multiplier"]), "sample_rate": float(rec["sample_rate"]),
+                       "steps": int(sum(e.steps for e in events)), "rounds_joined": [e.round for e in events],
+                       "max_grad_norm": float(rec["max_grad_norm"]), "accountant": rec["accountant"], "cohort": rec["cohort"]}
+    return {"dp": True, "unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)", "sites": sites}
 
 
 def _weighted(pairs: Iterable[tuple[float, float]]) -> float | None:

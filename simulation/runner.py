@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,11 @@ def plan_sites(cfg: RunConfig) -> Plan:
             labels[c.name] = list(c.labels) if c.labels else demo_labels
             demo.append(c.name)
             sites.extend(SiteSpec(f"{c.name}-{i + 1}", c.name, "") for i in range(c.sites))
+    budgets = cfg.privacy.budgets
+    unknown = sorted(set(budgets) - {s.name for s in sites})
+    if unknown:
+        raise ConfigError(f"privacy.budgets.{unknown[0]}", budgets[unknown[0]], f"no such site; sites: {', '.join(s.name for s in sites[:12])}")
+    sites = [replace(s, budget_epsilon=float(budgets[s.name])) if s.name in budgets else s for s in sites]
     return Plan(sites, labels, demo)
 
 
@@ -67,7 +72,7 @@ def _write_demo_data(cfg: RunConfig, plan: Plan, run_dir: RunDir) -> list[SiteSp
         for p in demo_data.write_cohort(run_dir.path / "demo_data", name, c.sites, seed=cfg.seed, examples_per_site=cfg.demo.examples_per_site,
                                         size_skew=cfg.demo.size_skew, label_skew=cfg.demo.label_skew):
             paths[p.name.removesuffix(".synthetic.csv")] = str(p.resolve())
-    return [SiteSpec(s.name, s.cohort, paths[s.name]) if not s.data_path else s for s in plan.sites]
+    return [replace(s, data_path=paths[s.name]) if not s.data_path else s for s in plan.sites]
 
 
 def run_engine(cfg: RunConfig, sites: list[SiteSpec], server_app: Any, client_app: Any) -> None:

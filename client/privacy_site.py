@@ -1,0 +1,86 @@
+"""A site's own privacy bookkeeping: its ledger, its budget, its refusal.
+
+The ledger lives in the site's Flower ``Context.state`` (record ``fedlora.privacy``), so it
+persists across rounds at the site whatever the coordinator says. Before the first DP round
+the site calibrates one noise multiplier for all planned rounds (unless the run fixes
+``privacy.noise_multiplier``):
+``sigma = min { sigma : eps(rounds * steps steps at rate q, sigma) <= budget }`` with
+``q = batch_size / n`` (Poisson sampling, expected batch = the configured batch size). Before
+every round it checks that recording the round keeps it within budget, and refuses otherwise
+(``BudgetExhausted``): a clear error reply, no training, no update released.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+
+from fedlora.errors import BUDGET_EXHAUSTED_CODE, FedloraError
+from fedlora.model import LoraRuntime
+from fedlora.privacy.accounting import calibrate_noise
+from fedlora.privacy.events import DpSgdEvent, event_to_dict
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.task import EncodedExamples
+
+from .dp_trainer import DpSgdSettings, train_local_dp
+from .trainer import LocalTrainSettings, TrainResult
+
+STATE_KEY = "fedlora.privacy"
+BUDGET_EXHAUSTED = BUDGET_EXHAUSTED_CODE  # Error.code of a round refused because of the privacy budget
+
+
+class BudgetExhausted(FedloraError):
+    exit_code = 8
+
+
+def site_delta(configured: float, n: int) -> tuple[float, str]:
+    """``configured`` if set; otherwise 1e-5, or 0.1/n where 1e-5 would not be below 1/n."""
+    if configured > 0:
+        return configured, "configured"
+    if 1e-5 < 1.0 / n / 10:
+        return 1e-5, "default 1e-5 (below 1/(10 n))"
+    return 0.1 / n, f"0.1/n with n = {n} training records (1e-5 is not below 1/(10 n))"
+
+
+def _load(ctx: Context) -> tuple[PrivacyLedger, float | None]:
+    if STATE_KEY not in ctx.state:
+        return PrivacyLedger(), None
+    rec = ctx.state[STATE_KEY]
+    sigma = float(rec["noise_multiplier"]) if "noise_multiplier" in rec else None
+    return PrivacyLedger.from_json(json.loads(str(rec["ledger"]))), sigma
+
+
+def _save(ctx: Context, ledger: PrivacyLedger, sigma: float) -> None:
+    ctx.state[STATE_KEY] = ConfigRecord({"ledger": json.dumps(ledger.to_json()), "noise_multiplier": sigma})
+
+
+def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, train: EncodedExamples, global_state: Mapping[str, np.ndarray],
+                  settings: LocalTrainSettings, *, site: str, cohort: str, num_labels: int, budget_epsilon: float) -> tuple[TrainResult, dict]:
+    """One DP-SGD round within the site's budget; returns the update and the reply's privacy record."""
+    n = len(train)
+    round_, rounds, seed = int(cfg["round"]), int(cfg["train.rounds"]), int(cfg["seed"])
+    accountant, clip = str(cfg["privacy.accountant"]), float(cfg["privacy.max_grad_norm"])
+    q = min(1.0, settings.batch_size / n)
+    steps = settings.steps_for(n)
+    delta, rule = site_delta(float(cfg["privacy.delta"]), n)
+    ledger, sigma = _load(ctx)
+    if sigma is None:
+        fixed = float(cfg.get("privacy.noise_multiplier", 0.0))
+        sigma = fixed if fixed > 0 else calibrate_noise(budget_epsilon, delta, q, rounds * steps, accountant=accountant)
+    planned = DpSgdEvent(round=round_, site=site, cohort=cohort, noise_multiplier=sigma, sample_rate=q, steps=steps,
+                         max_grad_norm=clip, accountant=accountant)
+    exceeds, after = ledger.would_exceed(planned, budget_epsilon, delta, accountant)
+    if exceeds:
+        raise BudgetExhausted(f"privacy budget exhausted: spent epsilon {ledger.spent(site, delta, accountant):.3f} of "
+                              f"{budget_epsilon:g} (delta {delta:.2g}); round {round_} would reach {after:.3f}")
+    result, event = train_local_dp(runtime, global_state, train, settings, DpSgdSettings(sigma, clip, q), seed=seed, site=site,
+                                   cohort=cohort, num_labels=num_labels, round_=round_)
+    ledger.record(event)
+    _save(ctx, ledger, sigma)
+    record = {**{k: v for k, v in event_to_dict(event).items()}, "epsilon_spent": ledger.spent(site, delta, accountant),
+              "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
+    return result, record

@@ -1,0 +1,51 @@
+"""DP-SGD across a federation: composition over rounds, the run's ledger, budget enforcement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.privacy.accounting import Mechanism, epsilon
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.simulation.runner import simulate
+
+
+def test_calibrated_dp_run_stays_within_budget_and_the_ledger_recomputes_it(make_config, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "run", train__rounds=2, privacy={"dp": True, "epsilon": 4.0})
+    run, summary = simulate(cfg, progress=False)
+    sites = summary["privacy"]["sites"]
+    assert sorted(sites) == ["finance-1", "finance-2", "medical-1", "medical-2"]
+    ledger = PrivacyLedger.load(run / "privacy_ledger.json")
+    assert len(ledger.events) == 8
+    for name, s in sites.items():
+        assert s["rounds_joined"] == [1, 2] and s["noise_multiplier"] > 0 and s["delta"] == 1e-5
+        assert 0.9 * 4.0 <= s["epsilon"] <= 4.0, (name, s)  # calibrated to use (almost) all of the budget
+        assert ledger.spent(name, s["delta"]) == pytest.approx(s["epsilon"])
+        # anyone can recompute epsilon from the report's own numbers
+        assert epsilon([Mechanism(s["noise_multiplier"], s["sample_rate"], s["steps"])], s["delta"]) == pytest.approx(s["epsilon"])
+
+
+def test_a_site_with_a_small_budget_stops_joining_and_nothing_crashes(make_config, tmp_path: Path) -> None:
+    dp = {"dp": True, "noise_multiplier": 1.0, "epsilon": 500.0}
+    probe, _ = simulate(make_config(tmp_path / "probe", train__rounds=1, privacy=dp), progress=False)
+    first = json.loads((probe / "summary.json").read_text())["privacy"]["sites"]
+
+    def one_round_only(site: str) -> float:  # room for one round of this site, not two
+        m = Mechanism(first[site]["noise_multiplier"], first[site]["sample_rate"], first[site]["steps"])
+        return (epsilon([m], 1e-5) + epsilon([m, m], 1e-5)) / 2
+
+    budgets = {s: one_round_only(s) for s in ("finance-1", "medical-1", "medical-2")}
+    run, summary = simulate(make_config(tmp_path / "run", train__rounds=3, privacy={**dp, "budgets": budgets}), progress=False)
+    sites = summary["privacy"]["sites"]
+    assert sites["finance-1"]["rounds_joined"] == [1] and sites["finance-1"]["epsilon"] <= budgets["finance-1"]
+    assert sites["finance-1"]["budget_epsilon"] == budgets["finance-1"]
+    assert sites["finance-2"]["rounds_joined"] == [1, 2, 3]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["cohorts"]["finance"]["sites_refused_budget"] for x in lines[1:]] == [[], ["finance-1"], ["finance-1"]]
+    assert [x["cohorts"]["finance"]["sites_trained"] for x in lines[1:]] == [2, 1, 1]
+    # medical: every site's budget is spent after round 1, so the cohort stops training but is still evaluated
+    assert lines[2]["cohorts"]["medical"]["sites_refused_budget"] == ["medical-1", "medical-2"]
+    assert lines[2]["cohorts"]["medical"]["sites_trained"] == 0 and "sites_trained" not in lines[3]["cohorts"]["medical"]
+    assert summary["rounds_completed"] == 3 and summary["cohorts"]["medical"]["accuracy"] is not None
