@@ -8,8 +8,8 @@ Message types and their records:
                   training settings, wire dtype);
                -> ``ArrayRecord "update"`` (trained minus global, wire dtype),
                   ``MetricRecord "metrics"``: num_examples, train_loss, steps, train_seconds;
-                  with DP also ``ConfigRecord "privacy"``: the round's DpSgdEvent fields,
-                  epsilon_spent, budget_epsilon, delta, delta_rule. A round that would exceed
+                  with DP also ``ConfigRecord "privacy_event"`` (the round's DpSgdEvent) and
+                  ``ConfigRecord "privacy"``: epsilon_spent, budget_epsilon, delta, delta_rule. A round that would exceed
                   the site's budget is refused (error code 4202, ``BudgetExhausted``).
 * ``evaluate`` <- the same records; -> ``MetricRecord "metrics"``: eval_loss, accuracy,
                   num_examples, label_counts, eval_seconds.
@@ -111,10 +111,10 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
 
     def train(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         runtime, cfg, data, state = prepare(msg, site)
-        privacy: dict | None = None
+        privacy: tuple[dict, dict] | None = None
         if bool(cfg.get("privacy.dp", False)):
             budget = site.budget_epsilon or float(cfg["privacy.epsilon"])
-            result, privacy = private_round(runtime, cfg, ctx, data.train, state, _settings(cfg), site=site.name, cohort=site.cohort,
+            result, *privacy = private_round(runtime, cfg, ctx, data.train, state, _settings(cfg), site=site.name, cohort=site.cohort,
                                             num_labels=len(data.labels), budget_epsilon=budget)
         else:
             result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
@@ -124,7 +124,7 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
                                 "steps": result.steps, "train_seconds": result.seconds})
         content = RecordDict({"update": update, "metrics": metrics})
         if privacy is not None:
-            content["privacy"] = ConfigRecord(privacy)
+            content["privacy_event"], content["privacy"] = ConfigRecord(privacy[0]), ConfigRecord(privacy[1])
         return content
 
     def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:

@@ -32,7 +32,7 @@ from fedlora.model import LoraRuntime, derive_seed
 from fedlora.privacy.events import DpSgdEvent
 from fedlora.task import EncodedExamples
 
-from .trainer import LocalTrainSettings, TrainResult
+from .trainer import LocalTrainSettings, TrainResult, adapter_delta, make_optimizer
 
 
 class PrivacyCheckError(FedloraError):
@@ -76,8 +76,7 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
     expected_batch = max(1, int(round(dp.sample_rate * n)))
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     try:
-        base_opt = (torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-                    if settings.optimizer == "adamw" else torch.optim.SGD(params, lr=settings.learning_rate))
+        base_opt = make_optimizer(params, settings)
         noise_gen = torch.Generator(device=runtime.device).manual_seed(derive_seed(seed, "dp-noise", site, round_))
         opt = DPOptimizer(base_opt, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                           expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
@@ -108,8 +107,7 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
         seconds = time.perf_counter() - start
     finally:
         gsm.cleanup()  # remove hooks and per-sample gradient buffers from the shared model
-    trained = runtime.export_adapter()
-    delta = {k: trained[k] - np.asarray(global_state[k], dtype=np.float32) for k in trained}
+    delta = adapter_delta(runtime, global_state)
     if steps > 0 and not any(np.any(v != 0) for v in delta.values()):
         raise PrivacyCheckError("the adapter did not move during DP training (known DP-LoRA failure); refusing to report it")
     event = DpSgdEvent(round=round_, site=site, cohort=cohort, noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,

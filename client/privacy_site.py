@@ -59,8 +59,9 @@ def _save(ctx: Context, ledger: PrivacyLedger, sigma: float) -> None:
 
 
 def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, train: EncodedExamples, global_state: Mapping[str, np.ndarray],
-                  settings: LocalTrainSettings, *, site: str, cohort: str, num_labels: int, budget_epsilon: float) -> tuple[TrainResult, dict]:
-    """One DP-SGD round within the site's budget; returns the update and the reply's privacy record."""
+                  settings: LocalTrainSettings, *, site: str, cohort: str, num_labels: int, budget_epsilon: float) -> tuple[TrainResult, dict, dict]:
+    """One DP-SGD round within the site's budget; returns the update, the round's privacy event
+    (as a dict) and the site's budget status (epsilon spent, budget, delta and how it was chosen)."""
     n = len(train)
     round_, rounds, seed = int(cfg["round"]), int(cfg["train.rounds"]), int(cfg["seed"])
     accountant, clip = str(cfg["privacy.accountant"]), float(cfg["privacy.max_grad_norm"])
@@ -81,6 +82,5 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
                                    cohort=cohort, num_labels=num_labels, round_=round_)
     ledger.record(event)
     _save(ctx, ledger, sigma)
-    record = {**{k: v for k, v in event_to_dict(event).items()}, "epsilon_spent": ledger.spent(site, delta, accountant),
-              "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
-    return result, record
+    status = {"epsilon_spent": ledger.spent(site, delta, accountant), "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
+    return result, event_to_dict(event), status

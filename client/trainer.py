@@ -59,6 +59,19 @@ def _batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> l
     return out
 
 
+def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTrainSettings) -> torch.optim.Optimizer:
+    """A fresh optimizer per round (its state is not carried across rounds)."""
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def adapter_delta(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The update a site sends: its trained adapter minus the global adapter it started from."""
+    trained = runtime.export_adapter()
+    return {k: trained[k] - np.asarray(global_state[k], dtype=np.float32) for k in trained}
+
+
 def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], examples: EncodedExamples,
                 settings: LocalTrainSettings, *, seed: int, site: str, cohort: str, num_labels: int, round_: int) -> TrainResult:
     """Train the cohort's adapter on the site's examples from ``global_state``; return the update."""
@@ -66,10 +79,7 @@ def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], ex
     model = runtime.peft_model
     model.train()
     params = runtime.trainable_parameters()
-    if settings.optimizer == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    else:
-        opt = torch.optim.SGD(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    opt = make_optimizer(params, settings)
     steps = settings.steps_for(len(examples))
     rng = np.random.default_rng(derive_seed(seed, "batches", site, round_))
     torch.manual_seed(derive_seed(seed, "dropout", site, round_))
@@ -87,8 +97,7 @@ def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], ex
         opt.step()
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
-    trained = runtime.export_adapter()
-    delta = {k: trained[k] - np.asarray(global_state[k], dtype=np.float32) for k in trained}
+    delta = adapter_delta(runtime, global_state)
     return TrainResult(delta=delta, train_loss=float(np.mean(losses)), steps=steps, num_examples=len(examples), seconds=seconds)
 
 

@@ -160,11 +160,15 @@ class Coordinator:
                     log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
                     failed.append(site)
                     continue
-                if "privacy" in reply.content:
-                    record = dict(reply.content["privacy"])
-                    self.ledger.record(event_from_dict({k: v for k, v in record.items()
-                                                        if k not in ("epsilon_spent", "budget_epsilon", "delta", "delta_rule")}))
-                    self.site_privacy[site] = record
+                if "privacy_event" in reply.content:
+                    try:
+                        event = event_from_dict(dict(reply.content["privacy_event"]))
+                    except ValueError as e:
+                        log.warning("round %d: rejected site %s: malformed privacy event: %s", round_, site, e)
+                        failed.append(site)
+                        continue
+                    self.ledger.record(event)
+                    self.site_privacy[site] = dict(reply.content["privacy"])
                 m = reply.content["metrics"]
                 updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
                 losses.append((float(m["train_loss"]), float(m["num_examples"])))
@@ -216,7 +220,19 @@ class Coordinator:
 
     # ---- the run ---------------------------------------------------------------------
     def _privacy_summary(self) -> dict[str, Any]:
-        return _privacy_summary_of(self.ledger, self.site_privacy, self.cfg.privacy.dp)
+        """Per site: epsilon recomputed from the run's ledger, with the site's delta and budget."""
+        if not self.cfg.privacy.dp:
+            return {"dp": False}
+        sites = {}
+        for site, status in sorted(self.site_privacy.items()):
+            events = self.ledger.site_events(site)
+            last = events[-1]
+            delta = float(status["delta"])
+            sites[site] = {"epsilon": self.ledger.spent(site, delta, last.accountant), "delta": delta, "delta_rule": status["delta_rule"],
+                           "budget_epsilon": float(status["budget_epsilon"]), "noise_multiplier": last.noise_multiplier,
+                           "sample_rate": last.sample_rate, "steps": sum(e.steps for e in events), "rounds_joined": [e.round for e in events],
+                           "max_grad_norm": last.max_grad_norm, "accountant": last.accountant, "cohort": last.cohort}
+        return {"dp": True, "unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)", "sites": sites}
 
     def run(self, grid: Grid) -> dict[str, Any]:
         start = time.perf_counter()
@@ -277,21 +293,6 @@ class Coordinator:
         summary["privacy"] = self._privacy_summary()
         self.run_dir.write_json("summary.json", summary)
         return summary
-
-
-def _privacy_summary_of(ledger: PrivacyLedger, site_privacy: dict[str, dict[str, Any]], dp: bool) -> dict[str, Any]:
-    """Per site: epsilon recomputed from the run's ledger, with the site's delta and budget."""
-    if not dp:
-        return {"dp": False}
-    sites = {}
-    for site, rec in sorted(site_privacy.items()):
-        events = ledger.site_events(site)
-        sites[site] = {"epsilon": ledger.spent(site, float(rec["delta"]), str(rec["accountant"])), "delta": float(rec["delta"]),
-                       "delta_rule": rec["delta_rule"], "budget_epsilon": float(rec["budget_epsilon"]),
-                       "noise_multiplier": float(rec["noise_multiplier"]), "sample_rate": float(rec["sample_rate"]),
-                       "steps": int(sum(e.steps for e in events)), "rounds_joined": [e.round for e in events],
-                       "max_grad_norm": float(rec["max_grad_norm"]), "accountant": rec["accountant"], "cohort": rec["cohort"]}
-    return {"dp": True, "unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)", "sites": sites}
 
 
 def _weighted(pairs: Iterable[tuple[float, float]]) -> float | None:
