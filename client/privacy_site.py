@@ -78,9 +78,12 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
     if exceeds:
         raise BudgetExhausted(f"privacy budget exhausted: spent epsilon {ledger.spent(site, delta, accountant):.3f} of "
                               f"{budget_epsilon:g} (delta {delta:.2g}); round {round_} would reach {after:.3f}")
-    result, event = train_local_dp(runtime, global_state, train, settings, DpSgdSettings(sigma, clip, q), seed=seed, site=site,
-                                   cohort=cohort, num_labels=num_labels, round_=round_)
-    ledger.record(event)
+    result, ran = train_local_dp(runtime, global_state, train, settings, DpSgdSettings(sigma, clip, q), seed=seed, site=site,
+                                 cohort=cohort, num_labels=num_labels, round_=round_)
+    mechanism = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")
+    if any(getattr(ran, f) != getattr(planned, f) for f in mechanism):
+        raise FedloraError(f"DP training ran {ran}, not the mechanism checked against the budget ({planned}); update withheld")
+    ledger.record(planned)  # the checked event, with this run's accountant
     _save(ctx, ledger, sigma)
-    status = {"epsilon_spent": ledger.spent(site, delta, accountant), "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
-    return result, event_to_dict(event), status
+    status = {"epsilon_spent": after, "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
+    return result, event_to_dict(planned), status

@@ -49,3 +49,15 @@ def test_a_site_with_a_small_budget_stops_joining_and_nothing_crashes(make_confi
     assert lines[2]["cohorts"]["medical"]["sites_refused_budget"] == ["medical-1", "medical-2"]
     assert lines[2]["cohorts"]["medical"]["sites_trained"] == 0 and "sites_trained" not in lines[3]["cohorts"]["medical"]
     assert summary["rounds_completed"] == 3 and summary["cohorts"]["medical"]["accuracy"] is not None
+
+
+def test_the_selected_accountant_is_recorded_and_used(make_config, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "run", train__rounds=1, cohorts={"finance": {"sites": 1}},
+                      privacy={"dp": True, "epsilon": 4.0, "accountant": "prv"})
+    run, summary = simulate(cfg, progress=False)
+    site = summary["privacy"]["sites"]["finance-1"]
+    assert site["accountant"] == "prv"
+    assert all(e.accountant == "prv" for e in PrivacyLedger.load(run / "privacy_ledger.json").events)
+    assert site["epsilon"] <= 4.0
+    assert site["epsilon"] == pytest.approx(epsilon([Mechanism(site["noise_multiplier"], site["sample_rate"], site["steps"])],
+                                                    site["delta"], "prv"))
