@@ -27,18 +27,17 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.errors import SITE_ERROR_CODE, FedloraError
+from fedlora.errors import BUDGET_EXHAUSTED_CODE, SITE_ERROR_CODE, FedloraError
 from fedlora.model import LoraRuntime, ModelSpec, get_runtime
 from fedlora.records import from_record, to_record
 from fedlora.task import EncodedExamples
 
 from .data import load_labelled_texts, shard, split_train_eval
-from .privacy_site import BUDGET_EXHAUSTED, BudgetExhausted, private_round
+from .privacy_site import BudgetExhausted, private_round
 from .site import SiteSpec
 from .trainer import LocalTrainSettings, evaluate_local, train_local
 
 log = logging.getLogger("fedlora.client")
-SITE_ERROR = SITE_ERROR_CODE
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             except FedloraError as e:
                 budget = isinstance(e, BudgetExhausted)  # expected once a budget is spent: not an error
                 log.log(logging.WARNING if budget else logging.ERROR, "site %s refused %s: %s", site.name, msg.metadata.message_type, e)
-                code = BUDGET_EXHAUSTED if budget else SITE_ERROR
+                code = BUDGET_EXHAUSTED_CODE if budget else SITE_ERROR_CODE
                 return Message(Error(code=code, reason=f"site {site.name}: {e}"), reply_to=msg)
 
         return run

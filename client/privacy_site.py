@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context
 
-from fedlora.errors import BUDGET_EXHAUSTED_CODE, FedloraError
+from fedlora.errors import FedloraError
 from fedlora.model import LoraRuntime
 from fedlora.privacy.accounting import calibrate_noise
 from fedlora.privacy.events import DpSgdEvent, event_to_dict
@@ -30,10 +30,11 @@ from .dp_trainer import DpSgdSettings, train_local_dp
 from .trainer import LocalTrainSettings, TrainResult
 
 STATE_KEY = "fedlora.privacy"
-BUDGET_EXHAUSTED = BUDGET_EXHAUSTED_CODE  # Error.code of a round refused because of the privacy budget
 
 
 class BudgetExhausted(FedloraError):
+    """The round would exceed the site's budget; replied with ``fedlora.errors.BUDGET_EXHAUSTED_CODE``."""
+
     exit_code = 8
 
 

@@ -51,12 +51,6 @@ class Cohort:
     active: bool = True  # False once every site of the cohort has spent its privacy budget
 
 
-@dataclass
-class RoundTotals:
-    bytes_up: int = 0
-    bytes_down: int = 0
-
-
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
                  progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None) -> None:
@@ -65,8 +59,8 @@ class Coordinator:
         self.strategy = get_strategy(cfg.federation.strategy)
         self.cohorts = {c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts}
         self.expected_sites, self.wait_timeout, self.round_timeout = expected_sites, wait_timeout, round_timeout
-        self.totals = RoundTotals()
-        self._received_bytes = 0
+        self.bytes_up = 0  # content bytes of every reply received (discovery included)
+        self.bytes_down = 0  # content bytes of every message sent
         self.ledger = PrivacyLedger()
         self.site_privacy: dict[str, dict[str, Any]] = {}  # site -> its last privacy record (delta, budget, ...)
 
@@ -75,7 +69,7 @@ class Coordinator:
         """Send, wait for the replies, and count every reply's content bytes as uploaded."""
         replies = grid.send_and_receive(messages, timeout=self.round_timeout)
         out = {r.metadata.src_node_id: r for r in replies}
-        self._received_bytes += sum(content_bytes(r.content) for r in out.values() if not r.has_error())
+        self.bytes_up += sum(content_bytes(r.content) for r in out.values() if not r.has_error())
         for m in messages:
             if m.metadata.dst_node_id not in out:
                 log.warning("no reply from node %s (%s) within the timeout", m.metadata.dst_node_id, m.metadata.message_type)
@@ -138,7 +132,7 @@ class Coordinator:
     # ---- one round -------------------------------------------------------------------
     def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         messages, down = self._broadcast("train", round_)
-        before = self._received_bytes
+        before = self.bytes_up
         replies = self._exchange(grid, messages)
         for cohort in (c for c in self.cohorts.values() if c.active):
             shapes = {k: v.shape for k, v in cohort.state.items()}
@@ -185,16 +179,13 @@ class Coordinator:
             cohort.state = self.strategy.aggregate(cohort.state, updates)
             entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
                           "site_train_seconds": float(np.sum(seconds))})
-        up = self._received_bytes - before
-        self.totals.bytes_up += up
-        self.totals.bytes_down += down
-        line["bytes_up"], line["bytes_down"] = up, down
+        self.bytes_down += down
+        line["bytes_up"], line["bytes_down"] = self.bytes_up - before, down
 
     def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         messages, down = self._broadcast("evaluate", round_)
-        before = self._received_bytes
+        before = self.bytes_up
         replies = self._exchange(grid, messages)
-        up = self._received_bytes - before
         for cohort in self.cohorts.values():
             losses, accs, seconds, counts = [], [], [], np.zeros(len(cohort.labels), dtype=np.int64)
             for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):  # a fixed order: same float sums on every engine
@@ -213,9 +204,8 @@ class Coordinator:
             entry.update({"eval_loss": _weighted(losses), "accuracy": _weighted(accs), "eval_examples": int(counts.sum()),
                           "site_eval_seconds": float(np.sum(seconds)),
                           "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None})
-        self.totals.bytes_up += up
-        self.totals.bytes_down += down
-        line["bytes_up"] += up
+        self.bytes_down += down
+        line["bytes_up"] += self.bytes_up - before
         line["bytes_down"] += down
 
     # ---- the run ---------------------------------------------------------------------
@@ -244,8 +234,7 @@ class Coordinator:
         rounds = self.cfg.train.rounds
         last: dict[str, Any] = {}
         # round 0 carries the sites' identification replies and the evaluation of the initial adapter
-        initial: dict[str, Any] = {"round": 0, "cohorts": {}, "bytes_up": self._received_bytes, "bytes_down": 0}
-        self.totals.bytes_up += self._received_bytes
+        initial: dict[str, Any] = {"round": 0, "cohorts": {}, "bytes_up": self.bytes_up, "bytes_down": 0}
         self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
         self.run_dir.append_metrics(initial)
         bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)
@@ -278,8 +267,8 @@ class Coordinator:
             "model": self.cfg.model.source,
             "lora_mode": self.cfg.lora.mode,
             "wire_dtype": self.cfg.federation.wire_dtype,
-            "bytes_up": self.totals.bytes_up,
-            "bytes_down": self.totals.bytes_down,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
             "wall_seconds": time.perf_counter() - start,
             "cohorts": {
                 c.name: {"sites": sorted(c.nodes.values()), "labels": c.labels,
