@@ -33,7 +33,7 @@ from fedlora.records import from_record, to_record
 from fedlora.task import EncodedExamples
 
 from .data import load_labelled_texts, shard, split_train_eval
-from .privacy_site import BudgetExhausted, private_round
+from .privacy_site import BudgetExhausted, client_level_update, private_round
 from .site import SiteSpec
 from .trainer import LocalTrainSettings, evaluate_local, train_local
 
@@ -118,9 +118,12 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         else:
             result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
                                  cohort=site.cohort, num_labels=len(data.labels), round_=int(cfg["round"]))
-        update, _ = to_record(result.delta, str(cfg["wire_dtype"]))
+        delta, extra = result.delta, {}
+        if bool(cfg.get("privacy.client_dp", False)):
+            delta, extra["update_unclipped"] = client_level_update(delta, cfg, site=site.name)
+        update, _ = to_record(delta, str(cfg["wire_dtype"]))
         metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss,
-                                "steps": result.steps, "train_seconds": result.seconds})
+                                "steps": result.steps, "train_seconds": result.seconds, **extra})
         content = RecordDict({"update": update, "metrics": metrics})
         if privacy is not None:
             content["privacy_event"], content["privacy"] = ConfigRecord(privacy[0]), ConfigRecord(privacy[1])

@@ -21,7 +21,9 @@ from flwr.app import ConfigRecord, Context
 
 from fedlora.errors import FedloraError
 from fedlora.model import LoraRuntime
-from fedlora.privacy.accounting import calibrate_noise
+from fedlora.model import derive_seed
+from fedlora.privacy.accounting import calibrate_noise, default_delta
+from fedlora.privacy.clipping import add_gaussian_noise, clip_update
 from fedlora.privacy.events import DpSgdEvent, event_to_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.task import EncodedExamples
@@ -36,15 +38,6 @@ class BudgetExhausted(FedloraError):
     """The round would exceed the site's budget; replied with ``fedlora.errors.BUDGET_EXHAUSTED_CODE``."""
 
     exit_code = 8
-
-
-def site_delta(configured: float, n: int) -> tuple[float, str]:
-    """``configured`` if set; otherwise 1e-5, or 0.1/n where 1e-5 would not be below 1/n."""
-    if configured > 0:
-        return configured, "configured"
-    if 1e-5 < 1.0 / n / 10:
-        return 1e-5, "default 1e-5 (below 1/(10 n))"
-    return 0.1 / n, f"0.1/n with n = {n} training records (1e-5 is not below 1/(10 n))"
 
 
 def _load(ctx: Context) -> tuple[PrivacyLedger, float | None]:
@@ -68,7 +61,7 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
     accountant, clip = str(cfg["privacy.accountant"]), float(cfg["privacy.max_grad_norm"])
     q = min(1.0, settings.batch_size / n)
     steps = settings.steps_for(n)
-    delta, rule = site_delta(float(cfg["privacy.delta"]), n)
+    delta, rule = default_delta(float(cfg["privacy.delta"]), n, "training records")
     ledger, sigma = _load(ctx)
     if sigma is None:
         fixed = float(cfg.get("privacy.noise_multiplier", 0.0))
@@ -88,3 +81,15 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
     _save(ctx, ledger, sigma)
     status = {"epsilon_spent": after, "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
     return result, event_to_dict(planned), status
+
+
+def client_level_update(delta: Mapping[str, np.ndarray], cfg: Mapping[str, Any], *, site: str) -> tuple[dict[str, np.ndarray], int]:
+    """A site's contribution under client-level DP: its update clipped to the round's C, plus
+    its noise share when the sites draw the noise; and the bit ``1[||u|| <= C]`` that adaptive
+    clipping counts."""
+    c = float(cfg["privacy.client_clip_norm"])
+    clipped, norm = clip_update(delta, c)
+    if str(cfg["privacy.client_noise"]) == "sites":
+        rng = np.random.default_rng(derive_seed(int(cfg["seed"]), "client-noise", site, int(cfg["round"])))
+        clipped = add_gaussian_noise(clipped, float(cfg["privacy.client_noise_std"]), rng)
+    return clipped, int(norm <= c)

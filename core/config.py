@@ -14,9 +14,12 @@ TOML layout (every key optional; see ``RunConfig`` for defaults)::
     [task]       kind
     [train]      rounds, local_steps, local_epochs, batch_size, optimizer, learning_rate,
                  weight_decay, eval_fraction, eval_every, max_grad_norm
-    [federation] engine, strategy, wire_dtype, ray_cpus_per_site
+    [federation] engine, strategy, wire_dtype, ray_cpus_per_site, site_sample_rate
     [demo]       examples_per_site, size_skew, label_skew
-    [privacy]    dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant, [privacy.budgets] site = epsilon
+    [privacy]    dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant, grad_sample_mode,
+                 client_dp, client_noise_multiplier, client_clip_norm, client_delta, client_noise,
+                 adaptive_clip, adaptive_target_quantile, adaptive_clip_lr, adaptive_count_noise,
+                 [privacy.budgets] site = epsilon
     [cohorts.<name>] sites, labels, data, text_column, label_column
 """
 
@@ -139,6 +142,7 @@ class FederationConfig:
     strategy: str = "fedavg"
     wire_dtype: str = "float32"
     ray_cpus_per_site: float = 1.0
+    site_sample_rate: float = 1.0  # each round, every site of a cohort is sampled independently with this probability
 
     def __post_init__(self) -> None:
         _one_of("federation.engine", self.engine, ("inprocess", "ray"))
@@ -146,6 +150,8 @@ class FederationConfig:
         _one_of("federation.wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
         _require(isinstance(self.ray_cpus_per_site, (int, float)) and self.ray_cpus_per_site > 0,
                  "federation.ray_cpus_per_site", self.ray_cpus_per_site, "must be > 0")
+        _require(isinstance(self.site_sample_rate, (int, float)) and 0 < self.site_sample_rate <= 1,
+                 "federation.site_sample_rate", self.site_sample_rate, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,13 @@ class PrivacyConfig:
     """Sample-level DP (DP-SGD) at every site, with a per-site budget (epsilon, delta).
 
     ``delta = 0`` means automatic: 1e-5, or 0.1 / n at a site with n <= 1e5 training records
-    (delta must stay below 1/n). ``budgets`` gives single sites their own epsilon."""
+    (delta must stay below 1/n). ``budgets`` gives single sites their own epsilon.
+
+    Client-level DP (``client_dp``; privacy unit: one whole site) clips each site's update to
+    ``client_clip_norm`` and adds ``N(0, (client_noise_multiplier * C)^2)`` to each cohort's
+    sum, drawn by the coordinator or in shares by the sites (``client_noise``); see
+    ``fedlora.privacy.client_dp``. ``adaptive_clip`` moves C towards the
+    ``adaptive_target_quantile`` of the update norms (Andrew et al. 2021)."""
 
     dp: bool = False
     epsilon: float = 8.0
@@ -161,7 +173,17 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float = 0.0  # 0: each site calibrates sigma to its budget over the planned rounds
     accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks, or ghost (ghost clipping, no per-sample grads kept)
     budgets: Mapping[str, float] = field(default_factory=dict)
+    client_dp: bool = False
+    client_noise_multiplier: float = 1.0
+    client_clip_norm: float = 1.0
+    client_delta: float = 0.0  # 0: 1e-5, or 0.1/n for a cohort of n sites where 1e-5 is not below 1/(10 n)
+    client_noise: str = "coordinator"  # who draws the noise: coordinator, or sites (shares; for secure aggregation)
+    adaptive_clip: bool = False
+    adaptive_target_quantile: float = 0.5
+    adaptive_clip_lr: float = 0.2
+    adaptive_count_noise: float = 0.0  # std of the noise on the clipped count; 0: max(expected sites / 20, z)
 
     def __post_init__(self) -> None:
         _require(isinstance(self.dp, bool), "privacy.dp", self.dp, "must be true or false")
@@ -171,6 +193,27 @@ class PrivacyConfig:
         _require(isinstance(self.noise_multiplier, (int, float)) and 0 <= self.noise_multiplier <= 1e4,
                  "privacy.noise_multiplier", self.noise_multiplier, "must be 0 (calibrate to the budget) or a positive number")
         _one_of("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _one_of("privacy.grad_sample_mode", self.grad_sample_mode, ("hooks", "ghost"))
+        for key in ("client_dp", "adaptive_clip"):
+            _require(isinstance(getattr(self, key), bool), f"privacy.{key}", getattr(self, key), "must be true or false")
+        _require(isinstance(self.client_noise_multiplier, (int, float)) and 0 < self.client_noise_multiplier <= 1e4,
+                 "privacy.client_noise_multiplier", self.client_noise_multiplier, "must be in (0, 10000]")
+        _require(isinstance(self.client_clip_norm, (int, float)) and math.isfinite(self.client_clip_norm) and self.client_clip_norm > 0,
+                 "privacy.client_clip_norm", self.client_clip_norm, "must be > 0")
+        _require(isinstance(self.client_delta, (int, float)) and 0 <= self.client_delta < 0.1, "privacy.client_delta", self.client_delta,
+                 "must be 0 (automatic) or in (0, 0.1)")
+        _one_of("privacy.client_noise", self.client_noise, ("coordinator", "sites"))
+        _require(isinstance(self.adaptive_target_quantile, (int, float)) and 0 < self.adaptive_target_quantile < 1,
+                 "privacy.adaptive_target_quantile", self.adaptive_target_quantile, "must be in (0, 1)")
+        _require(isinstance(self.adaptive_clip_lr, (int, float)) and 0 < self.adaptive_clip_lr <= 10,
+                 "privacy.adaptive_clip_lr", self.adaptive_clip_lr, "must be in (0, 10]")
+        _require(isinstance(self.adaptive_count_noise, (int, float)) and self.adaptive_count_noise >= 0,
+                 "privacy.adaptive_count_noise", self.adaptive_count_noise, "must be 0 (automatic) or > 0")
+        if self.adaptive_count_noise > 0:
+            _require(2 * self.adaptive_count_noise > self.client_noise_multiplier, "privacy.adaptive_count_noise",
+                     self.adaptive_count_noise, f"must exceed client_noise_multiplier / 2 = {self.client_noise_multiplier / 2:g} "
+                     "(Andrew et al. 2021, Thm 1)")
+        _require(not self.adaptive_clip or self.client_dp, "privacy.adaptive_clip", self.adaptive_clip, "needs privacy.client_dp = true")
         _require(isinstance(self.budgets, Mapping), "privacy.budgets", self.budgets, "must be a table of site = epsilon")
         for site, eps in self.budgets.items():
             _require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1000,

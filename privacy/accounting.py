@@ -93,3 +93,15 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
                 return hi
         if hi - lo < 1e-9:
             return hi
+
+
+def default_delta(configured: float, n: int, unit: str = "records") -> tuple[float, str]:
+    """(delta, the rule that chose it): ``configured`` if > 0; otherwise 1e-5, or 0.1/n where
+    1e-5 would not be below 1/(10 n) (delta must stay well below 1/n for n privacy units)."""
+    if configured > 0:
+        return configured, "configured"
+    if n < 1:
+        raise ValueError(f"need at least one {unit} to choose delta, got n = {n}")
+    if 1e-5 < 1.0 / n / 10:
+        return 1e-5, "default 1e-5 (below 1/(10 n))"
+    return 0.1 / n, f"0.1/n with n = {n} {unit} (1e-5 is not below 1/(10 n))"

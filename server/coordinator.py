@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from fedlora.config import RunConfig
 from fedlora.errors import BUDGET_EXHAUSTED_CODE, FederationError, FedloraError
-from fedlora.model import ModelSpec, get_runtime
+from fedlora.model import ModelSpec, derive_seed, get_runtime
 from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.strategies import SiteUpdate, get_strategy
 
+from .client_dp import ClientLevelDp
 from .rundir import RunDir
 
 log = logging.getLogger("fedlora.server")
@@ -49,6 +50,8 @@ class Cohort:
     nodes: dict[int, str] = field(default_factory=dict)  # node id -> site name
     state: dict[str, np.ndarray] = field(default_factory=dict)
     active: bool = True  # False once every site of the cohort has spent its privacy budget
+    selected: list[int] = field(default_factory=list)  # nodes sampled for the current round
+    exhausted: set[str] = field(default_factory=set)  # sites that refused a round: their budget is spent
 
 
 class Coordinator:
@@ -63,6 +66,8 @@ class Coordinator:
         self.bytes_down = 0  # content bytes of every message sent
         self.ledger = PrivacyLedger()
         self.site_privacy: dict[str, dict[str, Any]] = {}  # site -> its last privacy record (delta, budget, ...)
+        self.rng = np.random.default_rng(derive_seed(cfg.seed, "coordinator"))  # site sampling, client-level noise
+        self.client_dp: ClientLevelDp | None = None  # set once the cohorts' sizes are known
 
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
@@ -102,7 +107,7 @@ class Coordinator:
         if empty:
             raise FederationError(f"no site joined cohort(s) {', '.join(empty)}")
 
-    def _content(self, cohort: Cohort, round_: int) -> tuple[RecordDict, int]:
+    def _content(self, cohort: Cohort, round_: int, extra: dict[str, Any] | None = None) -> tuple[RecordDict, int]:
         t = self.cfg.train
         cfg: dict[str, Any] = {
             "round": round_, "cohort": cohort.name, "labels": list(cohort.labels), "seed": self.cfg.seed,
@@ -113,18 +118,34 @@ class Coordinator:
             "privacy.dp": self.cfg.privacy.dp, "privacy.epsilon": float(self.cfg.privacy.epsilon),
             "privacy.delta": float(self.cfg.privacy.delta), "privacy.max_grad_norm": float(self.cfg.privacy.max_grad_norm),
             "privacy.noise_multiplier": float(self.cfg.privacy.noise_multiplier),
-            "privacy.accountant": self.cfg.privacy.accountant,
+            "privacy.accountant": self.cfg.privacy.accountant, "privacy.grad_sample_mode": self.cfg.privacy.grad_sample_mode,
+            **(extra or {}),
         }
         record, _ = to_record(cohort.state, self.cfg.federation.wire_dtype)
         content = RecordDict({"adapter": record, "config": ConfigRecord(cfg)})
         return content, content_bytes(content)
 
+    def _sample(self, cohort: Cohort) -> list[int]:
+        """Poisson sampling of a cohort's sites: each independently with ``federation.site_sample_rate``."""
+        nodes = sorted(cohort.nodes, key=lambda n: cohort.nodes[n])
+        q = self.cfg.federation.site_sample_rate
+        if q >= 1:
+            return nodes
+        keep = self.rng.random(len(nodes)) < q
+        return [n for n, k in zip(nodes, keep) if k]
+
     def _broadcast(self, kind: str, round_: int) -> tuple[list[Message], int]:
-        """One message per site; ``train`` goes only to cohorts still training."""
+        """One message per site; ``train`` goes only to the sampled sites of cohorts still training."""
         messages, down = [], 0
         for cohort in (c for c in self.cohorts.values() if c.active or kind != "train"):
-            content, nbytes = self._content(cohort, round_)
-            for node in cohort.nodes:
+            nodes = list(cohort.nodes)
+            extra = None
+            if kind == "train":
+                nodes = cohort.selected = self._sample(cohort)
+                if self.client_dp is not None:
+                    extra = self.client_dp.site_config(cohort.name, len(nodes))
+            content, nbytes = self._content(cohort, round_, extra)
+            for node in nodes:
                 messages.append(Message(content, node, kind, group_id=str(round_)))
                 down += nbytes
         return messages, down
@@ -136,12 +157,13 @@ class Coordinator:
         replies = self._exchange(grid, messages)
         for cohort in (c for c in self.cohorts.values() if c.active):
             shapes = {k: v.shape for k, v in cohort.state.items()}
-            updates, losses, failed, refused, seconds = [], [], [], [], []
-            for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):
-                reply = replies.get(node)
+            updates, losses, failed, refused, seconds, unclipped = [], [], [], [], [], []
+            for node in cohort.selected:
+                site, reply = cohort.nodes[node], replies.get(node)
                 if reply is not None and reply.has_error() and reply.error.code == BUDGET_EXHAUSTED_CODE:
                     log.info("round %d: %s", round_, reply.error.reason)
                     refused.append(site)
+                    cohort.exhausted.add(site)
                     continue
                 if reply is None or reply.has_error():
                     failed.append(site)
@@ -164,14 +186,32 @@ class Coordinator:
                     self.ledger.record(event)
                     self.site_privacy[site] = dict(reply.content["privacy"])
                 m = reply.content["metrics"]
+                if self.client_dp is not None:
+                    unclipped.append(int(m["update_unclipped"]))
                 updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
                 losses.append((float(m["train_loss"]), float(m["num_examples"])))
                 seconds.append(float(m["train_seconds"]))
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry["sites_refused_budget"] = refused
-            if not updates and refused and not failed:
+            entry["sites_selected"] = len(cohort.selected)
+            if self.client_dp is not None and (updates or not cohort.selected):
+                # the noised mean is released even when Poisson sampling picked no site (noise only)
+                mean, event, info = self.client_dp.aggregate(round_, cohort.name, shapes, [u.delta for u in updates], unclipped,
+                                                             len(cohort.selected), self.rng, self.cfg.privacy.accountant)
+                self.ledger.record(event)
+                cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="client-dp-mean", delta=mean, weight=1.0)])
+                entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
+                              "site_train_seconds": float(np.sum(seconds)), **info})
+                continue
+            if not cohort.selected:
+                entry.update({"sites_trained": 0, "sites_failed": [], "site_train_seconds": 0.0})
+                continue
+            if not updates and refused and not failed and cohort.exhausted == set(cohort.nodes.values()):
                 log.warning("round %d: every site of cohort %r has spent its privacy budget; the cohort stops training", round_, cohort.name)
                 cohort.active = False
+                entry.update({"sites_trained": 0, "sites_failed": [], "site_train_seconds": 0.0})
+                continue
+            if not updates and not failed:  # the sampled sites refused; others may still have budget
                 entry.update({"sites_trained": 0, "sites_failed": [], "site_train_seconds": 0.0})
                 continue
             if not updates:
@@ -209,10 +249,28 @@ class Coordinator:
         line["bytes_down"] += down
 
     # ---- the run ---------------------------------------------------------------------
+    def _client_privacy_summary(self) -> dict[str, Any]:
+        """Per cohort: client-level epsilon (privacy unit: one whole site) from the ledger."""
+        assert self.client_dp is not None
+        out = {}
+        for name in self.cohorts:
+            events = self.ledger.cohort_events(name)
+            delta, rule = self.client_dp.delta(name)
+            out[name] = {"epsilon": self.ledger.client_level_spent(name, delta, self.cfg.privacy.accountant) if events else 0.0,
+                         "delta": delta, "delta_rule": rule, "rounds": [e.round for e in events],
+                         "noise_multipliers": [e.noise_multiplier for e in events], "clip_norms": [e.clip_norm for e in events],
+                         "sample_rate": self.client_dp.q, "noised_by": self.cfg.privacy.client_noise,
+                         "accountant": self.cfg.privacy.accountant, "adaptive_clip": self.cfg.privacy.adaptive_clip}
+        return out
+
     def _privacy_summary(self) -> dict[str, Any]:
         """Per site: epsilon recomputed from the run's ledger, with the site's delta and budget."""
+        out: dict[str, Any] = {"dp": self.cfg.privacy.dp, "client_dp": self.cfg.privacy.client_dp}
+        if self.client_dp is not None:
+            out["client_level"] = {"unit": "one whole site", "sampling": f"poisson, rate {self.client_dp.q:g} per round",
+                                   "cohorts": self._client_privacy_summary()}
         if not self.cfg.privacy.dp:
-            return {"dp": False}
+            return out
         sites = {}
         for site, status in sorted(self.site_privacy.items()):
             events = self.ledger.site_events(site)
@@ -222,7 +280,7 @@ class Coordinator:
                            "budget_epsilon": float(status["budget_epsilon"]), "noise_multiplier": last.noise_multiplier,
                            "sample_rate": last.sample_rate, "steps": sum(e.steps for e in events), "rounds_joined": [e.round for e in events],
                            "max_grad_norm": last.max_grad_norm, "accountant": last.accountant, "cohort": last.cohort}
-        return {"dp": True, "unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)", "sites": sites}
+        return out | {"unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)", "sites": sites}
 
     def run(self, grid: Grid) -> dict[str, Any]:
         start = time.perf_counter()
@@ -231,6 +289,9 @@ class Coordinator:
         for cohort in self.cohorts.values():
             cohort.state = runtime.initial_adapter(self.cfg.seed, cohort.name, len(cohort.labels))
         self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
+        if self.cfg.privacy.client_dp:
+            self.client_dp = ClientLevelDp(self.cfg.privacy, self.cfg.federation.site_sample_rate,
+                                           {c.name: len(c.nodes) for c in self.cohorts.values()})
         rounds = self.cfg.train.rounds
         last: dict[str, Any] = {}
         # round 0 carries the sites' identification replies and the evaluation of the initial adapter
@@ -247,7 +308,7 @@ class Coordinator:
                     self._evaluate_round(grid, r, line)
                 line["seconds"] = time.perf_counter() - t0
                 self.run_dir.append_metrics(line)
-                if self.cfg.privacy.dp:
+                if self.cfg.privacy.dp or self.cfg.privacy.client_dp:
                     self.ledger.save(self.run_dir.path / "privacy_ledger.json")
                 last = line
                 accuracy = {c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None}

@@ -62,3 +62,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent: real data sets exist on development and CI machines only")
     return SHARED_DATA
+
+
+def run_with(cfg, intercept) -> Path:
+    """Run a real federation in-process; ``intercept(msg, ctx, reply)`` sees (and may alter)
+    every site's reply. Returns the run directory."""
+    from fedlora.client.app import make_client_app
+    from fedlora.server.app import make_server_app
+    from fedlora.server.rundir import RunDir
+    from fedlora.simulation.runner import _write_demo_data, plan_sites, run_engine
+
+    plan = plan_sites(cfg)
+    run_dir = RunDir.create(cfg.out)
+    sites = _write_demo_data(cfg, plan, run_dir)
+    real = make_client_app(sites, device="cpu")
+
+    def client(msg, ctx):
+        return intercept(msg, ctx, real(msg, ctx))
+
+    server = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=False)
+    run_engine(cfg, sites, server, client)
+    return run_dir.path

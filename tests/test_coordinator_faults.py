@@ -9,26 +9,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, Error, Message
 
-from fedlora.client.app import make_client_app
+from conftest import run_with as _run_with
 from fedlora.errors import FederationError
-from fedlora.server.app import make_server_app
-from fedlora.server.rundir import RunDir
-from fedlora.simulation.runner import _write_demo_data, plan_sites, run_engine
-
-
-def _run_with(cfg, corrupt) -> Path:
-    """Run a real federation in-process; ``corrupt(msg, ctx, reply)`` may alter a site's reply."""
-    plan = plan_sites(cfg)
-    run_dir = RunDir.create(cfg.out)
-    sites = _write_demo_data(cfg, plan, run_dir)
-    real = make_client_app(sites, device="cpu")
-
-    def client(msg, ctx):
-        return corrupt(msg, ctx, real(msg, ctx))
-
-    server = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=False)
-    run_engine(cfg, sites, server, client)
-    return run_dir.path
 
 
 def test_a_nan_update_is_rejected_and_the_rest_aggregate(make_config, tmp_path: Path) -> None:
