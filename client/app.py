@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -114,7 +115,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         if bool(cfg.get("privacy.dp", False)):
             budget = site.budget_epsilon or float(cfg["privacy.epsilon"])
             result, *privacy = private_round(runtime, cfg, ctx, data.train, state, _settings(cfg), site=site.name, cohort=site.cohort,
-                                            num_labels=len(data.labels), budget_epsilon=budget)
+                                            num_labels=len(data.labels), budget_epsilon=budget,
+                                            state_file=Path(site.state_dir) / "privacy.json" if site.state_dir else None)
         else:
             result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
                                  cohort=site.cohort, num_labels=len(data.labels), round_=int(cfg["round"]))

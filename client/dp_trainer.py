@@ -57,13 +57,32 @@ def _check_setup(runtime: LoraRuntime, params: list[nn.Parameter]) -> None:
             raise PrivacyCheckError(f"trainable parameters in embedding layer {name}; DP-SGD would have no per-sample gradients")
 
 
+def _wrap(model: nn.Module, base_opt: torch.optim.Optimizer, dp: DpSgdSettings, expected_batch: int, noise_gen: torch.Generator,
+          mode: str) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
+    """Opacus's per-sample machinery for one round: ``hooks`` (per-example gradients are
+    materialised, clipped and summed by ``DPOptimizer``) or ``ghost`` (ghost clipping, Li et
+    al. 2022 / Bu et al. 2023: per-example gradient *norms* from activations and output
+    gradients, then a second backward of the loss reweighted by the clip factors)."""
+    from opacus import GradSampleModule
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+
+    kw = dict(noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm, expected_batch_size=expected_batch,
+              loss_reduction="mean", generator=noise_gen)
+    if mode == "hooks":
+        return GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False), DPOptimizer(base_opt, **kw), False
+    if mode == "ghost":
+        gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean", strict=False,
+                                                   max_grad_norm=dp.max_grad_norm, use_ghost_clipping=True)
+        return gsm, DPOptimizerFastGradientClipping(base_opt, **kw), True
+    raise FedloraError(f"unknown grad_sample_mode {mode!r}; known: hooks, ghost")
+
+
 def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], examples: EncodedExamples,
                    settings: LocalTrainSettings, dp: DpSgdSettings, *, seed: int, site: str, cohort: str, num_labels: int,
-                   round_: int) -> tuple[TrainResult, DpSgdEvent]:
-    """Train with DP-SGD from ``global_state``; returns the update and the round's privacy event."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
+                   round_: int, attempt: int = 0, grad_sample_mode: str = "hooks") -> tuple[TrainResult, DpSgdEvent]:
+    """Train with DP-SGD from ``global_state``; returns the update and the round's privacy event.
+    ``attempt`` > 0 (a round trained again) draws fresh noise."""
     if not 0 < dp.sample_rate <= 1:
         raise FedloraError(f"DP sample rate must be in (0, 1], got {dp.sample_rate}")
     runtime.load_adapter(global_state, seed, cohort, num_labels)
@@ -74,12 +93,9 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
     n = len(examples)
     steps = settings.steps_for(n)
     expected_batch = max(1, int(round(dp.sample_rate * n)))
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    noise_gen = torch.Generator(device=runtime.device).manual_seed(derive_seed(seed, "dp-noise", site, round_, *([attempt] if attempt else [])))
+    gsm, opt, ghost = _wrap(model, make_optimizer(params, settings), dp, expected_batch, noise_gen, grad_sample_mode)
     try:
-        base_opt = make_optimizer(params, settings)
-        noise_gen = torch.Generator(device=runtime.device).manual_seed(derive_seed(seed, "dp-noise", site, round_))
-        opt = DPOptimizer(base_opt, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                          expected_batch_size=expected_batch, loss_reduction="mean", generator=noise_gen)
         rng = np.random.default_rng(derive_seed(seed, "poisson", site, round_))
         torch.manual_seed(derive_seed(seed, "dropout", site, round_))
         pad = int(runtime.tokenizer.pad_token_id)
@@ -90,19 +106,28 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
             opt.zero_grad(set_to_none=True)
             if len(index) == 0:  # an empty Poisson batch still takes a (pure-noise) step
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                    if ghost:
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             else:
                 batch = runtime.task.batch(examples, index, pad, runtime.device)
                 with runtime.autocast():
-                    loss, _ = runtime.task.loss(gsm, batch)
+                    per_example, _ = runtime.task.loss(gsm, batch, reduction="none")
                 with warnings.catch_warnings():  # Opacus's hooks on a frozen-input first layer; harmless
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
+                    if ghost:
+                        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+                        DPTensorFastGradientClipping(gsm, opt, per_example, "mean").backward()
+                    else:
+                        per_example.mean().backward()
+                attr = "grad" if ghost else "grad_sample"
+                missing = [i for i, p in enumerate(params) if getattr(p, attr, None) is None]
                 if missing:
-                    raise PrivacyCheckError(f"{len(missing)} trainable parameter(s) got no per-sample gradients; "
+                    raise PrivacyCheckError(f"{len(missing)} trainable parameter(s) got no clipped gradients ({grad_sample_mode} mode); "
                                             "refusing to release an update whose clipping is not guaranteed")
-                losses.append(float(loss.detach()))
+                losses.append(float(per_example.detach().mean()))
             opt.step()
         seconds = time.perf_counter() - start
     finally:

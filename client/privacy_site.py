@@ -1,7 +1,8 @@
 """A site's own privacy bookkeeping: its ledger, its budget, its refusal.
 
 The ledger lives in the site's Flower ``Context.state`` (record ``fedlora.privacy``), so it
-persists across rounds at the site whatever the coordinator says. Before the first DP round
+persists across rounds at the site whatever the coordinator says, and, where the site has a
+state directory, in ``<state_dir>/privacy.json`` too, so it survives process restarts. Before the first DP round
 the site calibrates one noise multiplier for all planned rounds (unless the run fixes
 ``privacy.noise_multiplier``):
 ``sigma = min { sigma : eps(rounds * steps steps at rate q, sigma) <= budget }`` with
@@ -13,7 +14,10 @@ every round it checks that recording the round keeps it within budget, and refus
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,29 +44,46 @@ class BudgetExhausted(FedloraError):
     exit_code = 8
 
 
-def _load(ctx: Context) -> tuple[PrivacyLedger, float | None]:
-    if STATE_KEY not in ctx.state:
+def _load(ctx: Context, state_file: Path | None) -> tuple[PrivacyLedger, float | None]:
+    """The site's ledger and calibrated sigma: from the node's context state, else from its
+    state file (after a process restart), else empty."""
+    if STATE_KEY in ctx.state:
+        rec = ctx.state[STATE_KEY]
+        doc = {"ledger": json.loads(str(rec["ledger"])), "noise_multiplier": rec.get("noise_multiplier")}
+    elif state_file is not None and state_file.is_file():
+        doc = json.loads(state_file.read_text(encoding="utf-8"))
+    else:
         return PrivacyLedger(), None
-    rec = ctx.state[STATE_KEY]
-    sigma = float(rec["noise_multiplier"]) if "noise_multiplier" in rec else None
-    return PrivacyLedger.from_json(json.loads(str(rec["ledger"]))), sigma
+    sigma = doc.get("noise_multiplier")
+    return PrivacyLedger.from_json(doc["ledger"]), float(sigma) if sigma is not None else None
 
 
-def _save(ctx: Context, ledger: PrivacyLedger, sigma: float) -> None:
+def _save(ctx: Context, state_file: Path | None, ledger: PrivacyLedger, sigma: float) -> None:
     ctx.state[STATE_KEY] = ConfigRecord({"ledger": json.dumps(ledger.to_json()), "noise_multiplier": sigma})
+    if state_file is not None:
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=state_file.parent, prefix=f".{state_file.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"ledger": ledger.to_json(), "noise_multiplier": sigma}, f, indent=1, sort_keys=True)
+        os.replace(tmp, state_file)
 
 
 def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, train: EncodedExamples, global_state: Mapping[str, np.ndarray],
-                  settings: LocalTrainSettings, *, site: str, cohort: str, num_labels: int, budget_epsilon: float) -> tuple[TrainResult, dict, dict]:
+                  settings: LocalTrainSettings, *, site: str, cohort: str, num_labels: int, budget_epsilon: float,
+                  state_file: Path | None = None) -> tuple[TrainResult, dict, dict]:
     """One DP-SGD round within the site's budget; returns the update, the round's privacy event
-    (as a dict) and the site's budget status (epsilon spent, budget, delta and how it was chosen)."""
+    (as a dict) and the site's budget status (epsilon spent, budget, delta and how it was chosen).
+
+    A round the site already trained (the coordinator restarted mid-round and asks again) is
+    trained again with fresh noise and charged again: releasing two noisy answers to one
+    round costs twice, and reusing the noise would let a coordinator cancel it."""
     n = len(train)
     round_, rounds, seed = int(cfg["round"]), int(cfg["train.rounds"]), int(cfg["seed"])
     accountant, clip = str(cfg["privacy.accountant"]), float(cfg["privacy.max_grad_norm"])
     q = min(1.0, settings.batch_size / n)
     steps = settings.steps_for(n)
     delta, rule = default_delta(float(cfg["privacy.delta"]), n, "training records")
-    ledger, sigma = _load(ctx)
+    ledger, sigma = _load(ctx, state_file)
     if sigma is None:
         fixed = float(cfg.get("privacy.noise_multiplier", 0.0))
         sigma = fixed if fixed > 0 else calibrate_noise(budget_epsilon, delta, q, rounds * steps, accountant=accountant)
@@ -72,13 +93,15 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
     if exceeds:
         raise BudgetExhausted(f"privacy budget exhausted: spent epsilon {ledger.spent(site, delta, accountant):.3f} of "
                               f"{budget_epsilon:g} (delta {delta:.2g}); round {round_} would reach {after:.3f}")
+    attempt = sum(1 for e in ledger.site_events(site) if e.round == round_)
     result, ran = train_local_dp(runtime, global_state, train, settings, DpSgdSettings(sigma, clip, q), seed=seed, site=site,
-                                 cohort=cohort, num_labels=num_labels, round_=round_)
+                                 cohort=cohort, num_labels=num_labels, round_=round_, attempt=attempt,
+                                 grad_sample_mode=str(cfg.get("privacy.grad_sample_mode", "hooks")))
     mechanism = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")
     if any(getattr(ran, f) != getattr(planned, f) for f in mechanism):
         raise FedloraError(f"DP training ran {ran}, not the mechanism checked against the budget ({planned}); update withheld")
     ledger.record(planned)  # the checked event, with this run's accountant
-    _save(ctx, ledger, sigma)
+    _save(ctx, state_file, ledger, sigma)
     status = {"epsilon_spent": after, "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
     return result, event_to_dict(planned), status
 

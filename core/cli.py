@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--epsilon", type=float, help="each site's privacy budget epsilon (default 8)")
     s.add_argument("--delta", type=float, help="delta (default: 1e-5, or 0.1/n at a site with n records)")
     s.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm C (default 1.0)")
+    s.add_argument("--client-dp", action=argparse.BooleanOptionalAction, default=None,
+                   help="client-level DP: clip each site's update, add noise to each cohort's sum (default off)")
+    s.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (with its own config)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")
     return p
 
@@ -81,7 +85,8 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         "federation.engine": args.engine, "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source,
         "model.device": args.device, "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
         "demo.examples_per_site": args.examples_per_site, "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
-        "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm,
+        "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm, "privacy.client_dp": args.client_dp,
+        "privacy.grad_sample_mode": args.grad_sample_mode,
         "cohorts.*.sites": args.sites, "cohorts.*.text_column": args.text_column, "cohorts.*.label_column": args.label_column,
     }
     if "cohorts" not in data and any(overrides[k] is not None for k in overrides if k.startswith("cohorts.")):
@@ -90,10 +95,16 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedlora.simulation.runner import simulate  # the CLI is the one core module above the subpackages
+    from fedlora.simulation.runner import resume, simulate  # the CLI is the one core module above the subpackages
 
-    cfg = simulate_config(args)
-    run_dir, summary = simulate(cfg, progress=not args.quiet)
+    if args.resume:
+        given = sorted(k for k, v in vars(args).items() if v not in (None, False) and k not in ("command", "resume", "quiet"))
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')}", getattr(args, given[0]),
+                              "cannot be combined with --resume: a resumed run keeps the config it started with")
+        run_dir, summary = resume(args.resume, progress=not args.quiet)
+    else:
+        run_dir, summary = simulate(simulate_config(args), progress=not args.quiet)
     if args.quiet:
         print(json.dumps(summary, sort_keys=True))
     else:

@@ -45,3 +45,9 @@ class FederationError(FedloraError):
     """A round cannot complete (every site of a cohort failed, no sites connected, ...)."""
 
     exit_code = 6
+
+
+class RunInterrupted(FedloraError):
+    """The run was interrupted (Ctrl-C); its directory keeps the last checkpoint."""
+
+    exit_code = 130

@@ -40,7 +40,7 @@ class Task(Protocol):
 
     def batch(self, examples: EncodedExamples, index: np.ndarray, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]: ...
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class SequenceClassification:
@@ -67,10 +67,10 @@ class SequenceClassification:
         labels = torch.from_numpy(examples.labels[index])
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (mean cross-entropy, logits)."""
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (cross-entropy, mean or per example (``reduction="none"``), logits)."""
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        return F.cross_entropy(logits, batch["labels"]), logits
+        return F.cross_entropy(logits, batch["labels"], reduction=reduction), logits
 
 
 TASKS: dict[str, type] = {"sequence_classification": SequenceClassification}

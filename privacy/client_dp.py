@@ -70,7 +70,8 @@ def next_clip_norm(clip_norm: float, unclipped_fraction: float, target_quantile:
 def noisy_mean(clipped: Sequence[Update], shapes: Mapping[str, tuple[int, ...]], std: float, denominator: float,
                rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     """``(sum clipped + N(0, std^2)) / denominator`` in float64, returned as float32.
-    ``rng`` None adds no noise here (the sites added their shares already)."""
+    ``rng`` None adds no noise here (the sites added their shares already). Noise is drawn
+    array by array in sorted key order, so the result does not depend on dict order."""
     if denominator <= 0:
         raise ValueError(f"denominator must be > 0, got {denominator}")
     total = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
@@ -78,7 +79,8 @@ def noisy_mean(clipped: Sequence[Update], shapes: Mapping[str, tuple[int, ...]],
         for k in total:
             total[k] += np.asarray(u[k], dtype=np.float64)
     if rng is not None and std > 0:
-        total = {k: v + rng.normal(0.0, std, size=v.shape) for k, v in total.items()}
+        for k in sorted(total):  # a fixed draw order, whatever the mapping's order
+            total[k] = total[k] + rng.normal(0.0, std, size=total[k].shape)
     return {k: (v / denominator).astype(np.float32) for k, v in total.items()}
 
 

@@ -50,6 +50,8 @@ def noise_std(noise_multiplier: float, clip_norm: float, shares: int = 1) -> flo
 
 
 def add_gaussian_noise(values: Update, std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """``v + N(0, std^2)`` per coordinate, drawn and added in float64, returned as float32."""
-    return {k: (np.asarray(v, dtype=np.float64) + rng.normal(0.0, std, size=np.shape(v))).astype(np.float32)
-            for k, v in values.items()}
+    """``v + N(0, std^2)`` per coordinate, drawn and added in float64, returned as float32.
+    Arrays are noised in sorted key order (the draws do not depend on dict order)."""
+    noised = {k: (np.asarray(values[k], dtype=np.float64) + rng.normal(0.0, std, size=np.shape(values[k]))).astype(np.float32)
+              for k in sorted(values)}
+    return {k: noised[k] for k in values}

@@ -37,6 +37,7 @@ from fedlora.privacy.events import event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.strategies import SiteUpdate, get_strategy
 
+from .checkpoint import Checkpoint
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
 
@@ -56,8 +57,9 @@ class Cohort:
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
-                 progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None) -> None:
-        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+                 progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None,
+                 resume: Checkpoint | None = None) -> None:
+        self.cfg, self.run_dir, self.progress, self.resume = cfg, run_dir, progress, resume
         self.spec = ModelSpec.from_config(cfg)
         self.strategy = get_strategy(cfg.federation.strategy)
         self.cohorts = {c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts}
@@ -282,25 +284,65 @@ class Coordinator:
                            "max_grad_norm": last.max_grad_norm, "accountant": last.accountant, "cohort": last.cohort}
         return out | {"unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)", "sites": sites}
 
+    def _checkpoint(self, round_: int, initial: dict[str, Any], last: dict[str, Any]) -> None:
+        state = {
+            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "rng": self.rng.bit_generator.state,
+            "cohorts": {c.name: {"active": c.active, "exhausted": sorted(c.exhausted), "sites": sorted(c.nodes.values())}
+                        for c in self.cohorts.values()},
+            "client_dp": self.client_dp.state_dict() if self.client_dp is not None else None,
+            "site_privacy": self.site_privacy, "strategy": self.strategy.state_dict(), "initial": initial, "last": last,
+        }
+        Checkpoint(round_, {c.name: c.state for c in self.cohorts.values()}, self.ledger, state).save(self.run_dir)
+
+    def _restore(self, ck: Checkpoint) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """Continue from a checkpoint: adapters, counters, RNG, flags, ledger; the sites are
+        matched by name (their node ids change when processes restart)."""
+        st = ck.state
+        for name, cohort in self.cohorts.items():
+            saved = st["cohorts"].get(name)
+            if saved is None or name not in ck.adapters:
+                raise FederationError(f"the checkpoint has no state for cohort {name!r}; cannot resume")
+            missing = sorted(set(saved["sites"]) - set(cohort.nodes.values()))
+            if missing:
+                log.warning("resuming without site(s) %s of cohort %r", ", ".join(missing), name)
+            cohort.state = {k: np.array(v, dtype=np.float32) for k, v in ck.adapters[name].items()}
+            cohort.active, cohort.exhausted = bool(saved["active"]), set(saved["exhausted"])
+        self.bytes_up, self.bytes_down = int(st["bytes_up"]), int(st["bytes_down"])
+        self.rng.bit_generator.state = st["rng"]
+        if self.client_dp is not None and st.get("client_dp"):
+            self.client_dp.load_state_dict(st["client_dp"])
+        self.site_privacy = dict(st["site_privacy"])
+        self.strategy.load_state_dict(st["strategy"])
+        self.ledger = PrivacyLedger(ck.ledger.events)
+        self.run_dir.truncate_metrics(ck.round)
+        log.info("resuming after round %d", ck.round)
+        return ck.round, st["initial"], st["last"]
+
     def run(self, grid: Grid) -> dict[str, Any]:
         start = time.perf_counter()
+        bytes_before = self.bytes_up
         self._discover(grid)
         runtime = get_runtime(self.spec, self.cfg.model.device, self.cfg.model.dtype)
-        for cohort in self.cohorts.values():
-            cohort.state = runtime.initial_adapter(self.cfg.seed, cohort.name, len(cohort.labels))
-        self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
         if self.cfg.privacy.client_dp:
             self.client_dp = ClientLevelDp(self.cfg.privacy, self.cfg.federation.site_sample_rate,
                                            {c.name: len(c.nodes) for c in self.cohorts.values()})
         rounds = self.cfg.train.rounds
-        last: dict[str, Any] = {}
-        # round 0 carries the sites' identification replies and the evaluation of the initial adapter
-        initial: dict[str, Any] = {"round": 0, "cohorts": {}, "bytes_up": self.bytes_up, "bytes_down": 0}
-        self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
-        self.run_dir.append_metrics(initial)
-        bar = tqdm(total=rounds, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)
+        if self.resume is not None:
+            discovery = self.bytes_up - bytes_before
+            done, initial, last = self._restore(self.resume)
+            self.bytes_up += discovery  # the new discovery's replies count too
+        else:
+            for cohort in self.cohorts.values():
+                cohort.state = runtime.initial_adapter(self.cfg.seed, cohort.name, len(cohort.labels))
+            self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
+            done, last = 0, {}
+            # round 0 carries the sites' identification replies and the evaluation of the initial adapter
+            initial = {"round": 0, "cohorts": {}, "bytes_up": self.bytes_up, "bytes_down": 0}
+            self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
+            self.run_dir.append_metrics(initial)
+        bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)
         try:
-            for r in range(1, rounds + 1):
+            for r in range(done + 1, rounds + 1):
                 t0 = time.perf_counter()
                 line: dict[str, Any] = {"round": r, "cohorts": {}}
                 self._train_round(grid, r, line)
@@ -311,6 +353,7 @@ class Coordinator:
                 if self.cfg.privacy.dp or self.cfg.privacy.client_dp:
                     self.ledger.save(self.run_dir.path / "privacy_ledger.json")
                 last = line
+                self._checkpoint(r, initial, last)
                 accuracy = {c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None}
                 if accuracy:
                     bar.set_postfix(accuracy)
@@ -322,6 +365,7 @@ class Coordinator:
                                    lambda d, c=cohort: runtime.save_peft(d, c.state, self.cfg.seed, c.name, c.labels))
         summary = {
             "rounds_completed": rounds,
+            "resumed_after_round": self.resume.round if self.resume is not None else None,
             "sites": sum(len(c.nodes) for c in self.cohorts.values()),
             "engine": self.cfg.federation.engine,
             "seed": self.cfg.seed,

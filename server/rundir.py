@@ -6,6 +6,9 @@ Layout::
     RUN_DIR/sites.json           the sites and their cohorts
     RUN_DIR/metrics.jsonl        one JSON line per round
     RUN_DIR/adapters/<cohort>/   the final adapter in PEFT format (+ fedlora.json)
+    RUN_DIR/privacy_ledger.json  every privacy event (DP runs)
+    RUN_DIR/checkpoint/          the state after the last completed round (resume from here)
+    RUN_DIR/site_state/<site>/   simulated sites' own persistent state (their privacy ledgers)
     RUN_DIR/summary.json         written last; its presence means the run completed
 
 JSON files and adapter folders are written to a temporary name and renamed into place.
@@ -77,6 +80,15 @@ class RunDir:
             f.write(json.dumps(line, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Drop metrics lines after ``last_round`` (a round that was cut short before its
+        checkpoint); the file is rewritten atomically."""
+        path = self.path / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        keep = [x for x in lines if x.strip() and json.loads(x)["round"] <= last_round]
+        if len(keep) != len(lines):
+            self._atomic("metrics.jsonl", lambda p: p.write_text("".join(x + "\n" for x in keep), encoding="utf-8"))
 
     def write_dir(self, name: str, fill: Callable[[Path], None]) -> Path:
         """Fill a temporary folder, then rename it to ``name`` (replacing an older one)."""

@@ -18,10 +18,11 @@ from typing import Any
 from fedlora.client.app import make_client_app
 from fedlora.client.data import load_labelled_texts, shard, split_train_eval
 from fedlora.client.site import SiteSpec
-from fedlora.config import RunConfig
-from fedlora.errors import ConfigError, FederationError
+from fedlora.config import RunConfig, config_from_dict, load_config
+from fedlora.errors import ConfigError, FederationError, RunInterrupted
 from fedlora.model import ModelSpec, get_runtime
 from fedlora.server.app import make_server_app
+from fedlora.server.checkpoint import Checkpoint
 from fedlora.server.rundir import RunDir, default_run_dir
 
 from . import demo_data
@@ -65,14 +66,24 @@ def plan_sites(cfg: RunConfig) -> Plan:
     return Plan(sites, labels, demo)
 
 
-def _write_demo_data(cfg: RunConfig, plan: Plan, run_dir: RunDir) -> list[SiteSpec]:
+def _write_demo_data(cfg: RunConfig, plan: Plan, run_dir: RunDir, *, write: bool = True) -> list[SiteSpec]:
+    """The sites with their data paths (the demo cohorts' files generated into the run
+    directory; ``write=False`` reuses them on resume) and their state directories."""
     paths: dict[str, str] = {}
     for name in plan.demo_cohorts:
         c = cfg.cohort(name)
-        for p in demo_data.write_cohort(run_dir.path / "demo_data", name, c.sites, seed=cfg.seed, examples_per_site=cfg.demo.examples_per_site,
-                                        size_skew=cfg.demo.size_skew, label_skew=cfg.demo.label_skew):
+        if write:
+            files = demo_data.write_cohort(run_dir.path / "demo_data", name, c.sites, seed=cfg.seed, examples_per_site=cfg.demo.examples_per_site,
+                                           size_skew=cfg.demo.size_skew, label_skew=cfg.demo.label_skew)
+        else:
+            files = sorted((run_dir.path / "demo_data").glob(f"{name}-*.synthetic.csv"))
+        for p in files:
             paths[p.name.removesuffix(".synthetic.csv")] = str(p.resolve())
-    return [replace(s, data_path=paths[s.name]) if not s.data_path else s for s in plan.sites]
+    missing = [s.name for s in plan.sites if not s.data_path and s.name not in paths]
+    if missing:
+        raise FederationError(f"the demo data of site(s) {', '.join(missing)} is missing from {run_dir.path / 'demo_data'}")
+    return [replace(s, data_path=s.data_path or paths[s.name], state_dir=str((run_dir.path / "site_state" / s.name).resolve()))
+            for s in plan.sites]
 
 
 def run_engine(cfg: RunConfig, sites: list[SiteSpec], server_app: Any, client_app: Any) -> None:
@@ -98,10 +109,37 @@ def simulate(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict[str, 
     run_dir = RunDir.create(cfg.out or default_run_dir())
     run_dir.write_toml("config.toml", cfg.to_dict() | {"out": str(run_dir.path)})
     sites = _write_demo_data(cfg, plan, run_dir)
+    return _run(cfg, plan, run_dir, sites, None, progress, started)
+
+
+def resume(run_path: str | Path, *, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Continue a stopped simulation from its last checkpoint, with the config it started with.
+    The result equals that of a run that never stopped (same adapters, metrics, epsilon)."""
+    started = time.perf_counter()
+    run_dir = RunDir(Path(run_path))
+    if not (run_dir.path / "config.toml").is_file():
+        raise ConfigError("--resume", str(run_path), "is not a fedlora run directory (no config.toml)")
+    if (run_dir.path / "summary.json").exists():
+        raise ConfigError("--resume", str(run_path), "is a completed run (summary.json exists); nothing to resume")
+    cfg = config_from_dict(load_config(run_dir.path / "config.toml"))
+    checkpoint = Checkpoint.load(run_dir.path)
+    get_runtime(ModelSpec.from_config(cfg), cfg.model.device, cfg.model.dtype)
+    plan = plan_sites(cfg)
+    sites = _write_demo_data(cfg, plan, run_dir, write=False)
+    return _run(cfg, plan, run_dir, sites, checkpoint, progress, started)
+
+
+def _run(cfg: RunConfig, plan: Plan, run_dir: RunDir, sites: list[SiteSpec], checkpoint: Checkpoint | None, progress: bool,
+         started: float) -> tuple[Path, dict[str, Any]]:
     result: dict[str, Any] = {}
-    server_app = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=progress, result=result)
+    server_app = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=progress, result=result,
+                                 resume=checkpoint)
     client_app = make_client_app(sites, device=cfg.model.device, dtype=cfg.model.dtype)
-    run_engine(cfg, sites, server_app, client_app)
+    try:
+        run_engine(cfg, sites, server_app, client_app)
+    except KeyboardInterrupt:
+        raise RunInterrupted(f"interrupted; the run directory keeps the last completed round. Continue with: "
+                             f"fedlora simulate --resume {run_dir.path}") from None
     if not result:
         raise FederationError(f"the {cfg.federation.engine} engine finished without completing the run; see the log above "
                               f"(partial results in {run_dir.path})")

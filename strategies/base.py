@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,15 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, global_state: State, updates: Sequence[SiteUpdate]) -> dict[str, np.ndarray]:
         """Return the next global state from the current one and the sites' updates."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's own state across rounds (server-optimiser moments), JSON-serialisable,
+        for checkpoints; stateless strategies have none."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name!r} keeps no state, but the checkpoint holds {sorted(state)}")
 
 
 def _registry() -> dict[str, type[Strategy]]:

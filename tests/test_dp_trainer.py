@@ -33,16 +33,18 @@ def _norm(delta: dict) -> float:
     return float(np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in delta.values())))
 
 
-def _run(site, dp: DpSgdSettings, lr: float = 1.0, seed: int = 0):
+def _run(site, dp: DpSgdSettings, lr: float = 1.0, seed: int = 0, mode: str = "hooks"):
     rt, enc, state = site
-    return train_local_dp(rt, state, enc, _sgd(lr), dp, seed=seed, site="bank-1", cohort="finance", num_labels=3, round_=1)
+    return train_local_dp(rt, state, enc, _sgd(lr), dp, seed=seed, site="bank-1", cohort="finance", num_labels=3, round_=1,
+                          grad_sample_mode=mode)
 
 
-def test_per_example_clipping_bounds_the_step(site) -> None:
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_per_example_clipping_bounds_the_step(site, mode: str) -> None:
     """Full batch (q = 1), no noise, SGD with lr 1: the step is the mean of clipped per-example
     gradients, so its norm is at most C, although the unclipped gradient is far larger."""
     c = 1e-3
-    res, event = _run(site, DpSgdSettings(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0))
+    res, event = _run(site, DpSgdSettings(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0), mode=mode)
     assert 0 < _norm(res.delta) <= c * (1 + 1e-4)
     rt, enc, state = site
     plain = train_local(rt, state, enc, _sgd(1.0), seed=0, site="bank-1", cohort="finance", num_labels=3, round_=1)
@@ -51,11 +53,20 @@ def test_per_example_clipping_bounds_the_step(site) -> None:
     assert epsilon([Mechanism(event.noise_multiplier, event.sample_rate, event.steps)], 1e-5) == float("inf")
 
 
-def test_noise_has_the_configured_scale(site) -> None:
+def test_ghost_clipping_computes_the_same_clipped_step_as_per_example_hooks(site) -> None:
+    dp = DpSgdSettings(noise_multiplier=0.0, max_grad_norm=0.05, sample_rate=1.0)
+    hooks, _ = _run(site, dp, mode="hooks")
+    ghost, _ = _run(site, dp, mode="ghost")
+    for k in hooks.delta:
+        np.testing.assert_allclose(ghost.delta[k], hooks.delta[k], rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_has_the_configured_scale(site, mode: str) -> None:
     """Noisy minus noiseless step (same batch): per coordinate N(0, (sigma C / (q n))^2)."""
     c, sigma = 0.5, 2.0
-    quiet, _ = _run(site, DpSgdSettings(0.0, c, 1.0))
-    noisy, event = _run(site, DpSgdSettings(sigma, c, 1.0))
+    quiet, _ = _run(site, DpSgdSettings(0.0, c, 1.0), mode=mode)
+    noisy, event = _run(site, DpSgdSettings(sigma, c, 1.0), mode=mode)
     diff = np.concatenate([(noisy.delta[k] - quiet.delta[k]).ravel() for k in quiet.delta]).astype(np.float64)
     n = len(site[1])
     assert diff.size > 5000
@@ -64,10 +75,11 @@ def test_noise_has_the_configured_scale(site) -> None:
     assert event.noise_multiplier == sigma
 
 
-def test_the_shared_model_is_left_as_it_was(site) -> None:
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_the_shared_model_is_left_as_it_was(site, mode: str) -> None:
     rt, enc, state = site
     before = train_local(rt, state, enc, _sgd(0.1), seed=0, site="s", cohort="finance", num_labels=3, round_=2)
-    _run(site, DpSgdSettings(1.0, 1.0, 0.25))
+    _run(site, DpSgdSettings(1.0, 1.0, 0.25), mode=mode)
     after = train_local(rt, state, enc, _sgd(0.1), seed=0, site="s", cohort="finance", num_labels=3, round_=2)
     assert all(np.array_equal(before.delta[k], after.delta[k]) for k in before.delta)
     assert not any(hasattr(p, "grad_sample") for p in rt.peft_model.parameters())

@@ -1,0 +1,71 @@
+"""Checkpoint and resume: a run stopped after a round and resumed ends exactly like one that never stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import fedlora.simulation.runner as runner
+from fedlora.cli import main
+from fedlora.errors import ConfigError, RunInterrupted
+from fedlora.privacy.ledger import PrivacyLedger
+
+
+def _interrupt_before(round_: int, monkeypatch) -> None:
+    """Sites raise KeyboardInterrupt (as Ctrl-C would) when asked to train ``round_``."""
+    real = runner.make_client_app
+
+    def factory(*a, **kw):
+        app = real(*a, **kw)
+
+        def client(msg, ctx):
+            if msg.metadata.message_type == "train" and int(msg.content["config"]["round"]) == round_:
+                raise KeyboardInterrupt
+            return app(msg, ctx)
+        return client
+
+    monkeypatch.setattr(runner, "make_client_app", factory)
+
+
+def _stable(line: dict) -> dict:
+    """A metrics line without its timings."""
+    return {"round": line["round"], "cohorts": {c: {k: v for k, v in e.items() if "seconds" not in k} for c, e in line["cohorts"].items()}}
+
+
+@pytest.mark.parametrize("privacy", [{"dp": True, "epsilon": 6.0}, {"client_dp": True, "adaptive_clip": True}], ids=["dp-sgd", "client-dp"])
+def test_a_resumed_run_equals_one_that_never_stopped(make_config, tmp_path: Path, monkeypatch, privacy: dict) -> None:
+    over = dict(train__rounds=3, privacy=privacy, federation={"site_sample_rate": 0.75})
+    straight, expected = runner.simulate(make_config(tmp_path / "straight", **over), progress=False)
+
+    with monkeypatch.context() as m:
+        _interrupt_before(3, m)
+        with pytest.raises(RunInterrupted, match="--resume"):
+            runner.simulate(make_config(tmp_path / "stopped", **over), progress=False)
+    stopped = tmp_path / "stopped"
+    assert not (stopped / "summary.json").exists()
+    assert json.loads((stopped / "checkpoint" / "state.json").read_text())["round"] == 2
+
+    run, summary = runner.resume(stopped, progress=False)
+    assert summary["resumed_after_round"] == 2 and summary["rounds_completed"] == 3
+    for cohort in ("finance", "medical"):
+        a = (straight / "adapters" / cohort / "adapter_model.safetensors").read_bytes()
+        assert a == (run / "adapters" / cohort / "adapter_model.safetensors").read_bytes()
+        assert summary["cohorts"][cohort]["accuracy"] == expected["cohorts"][cohort]["accuracy"]
+    assert summary["privacy"] == expected["privacy"]  # epsilon per site / cohort, rounds joined, noise
+    events = lambda p: [e for e in PrivacyLedger.load(p / "privacy_ledger.json").events]  # noqa: E731
+    assert events(run) == events(straight)
+    lines = lambda p: [_stable(json.loads(x)) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert lines(run) == lines(straight)
+
+
+def test_resume_refuses_what_it_cannot_continue(make_config, tmp_path: Path, capsys) -> None:
+    done, _ = runner.simulate(make_config(tmp_path / "done", train__rounds=1), progress=False)
+    with pytest.raises(ConfigError, match="completed run"):
+        runner.resume(done, progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="not a fedlora run directory"):
+        runner.resume(tmp_path / "empty", progress=False)
+    assert main(["simulate", "--resume", str(done), "--rounds", "3"]) == 2
+    assert "cannot be combined with --resume" in capsys.readouterr().err
