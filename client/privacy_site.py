@@ -14,8 +14,6 @@ every round it checks that recording the round keeps it within budget, and refus
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from fedlora.errors import FedloraError
+from fedlora.files import write_text_atomic
 from fedlora.model import LoraRuntime
 from fedlora.model import derive_seed
 from fedlora.privacy.accounting import calibrate_noise, default_delta
@@ -61,11 +60,7 @@ def _load(ctx: Context, state_file: Path | None) -> tuple[PrivacyLedger, float |
 def _save(ctx: Context, state_file: Path | None, ledger: PrivacyLedger, sigma: float) -> None:
     ctx.state[STATE_KEY] = ConfigRecord({"ledger": json.dumps(ledger.to_json()), "noise_multiplier": sigma})
     if state_file is not None:
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=state_file.parent, prefix=f".{state_file.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"ledger": ledger.to_json(), "noise_multiplier": sigma}, f, indent=1, sort_keys=True)
-        os.replace(tmp, state_file)
+        write_text_atomic(state_file, json.dumps({"ledger": ledger.to_json(), "noise_multiplier": sigma}, indent=1, sort_keys=True))
 
 
 def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, train: EncodedExamples, global_state: Mapping[str, np.ndarray],

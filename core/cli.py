@@ -1,5 +1,7 @@
 """The ``fedlora`` command line.
 
+``fedlora privacy-report RUN_DIR``: what every site spent, recomputed from the run's ledger.
+
 ``fedlora simulate``: a local federation (defaults: 9 sites, 3 finance, 3 medical, 3 retail,
 synthetic demo data, the packaged pretrained model, LoRA). A TOML config (``--config``)
 describes the run and flags override it; the whole config is validated before any work.
@@ -65,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (with its own config)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")
+    r = sub.add_parser("privacy-report", help="what every site spent (JSON, Markdown, HTML with a plot)",
+                       description="Recompute every site's privacy spend from a run directory's ledger; works on a run in progress.")
+    r.add_argument("run_dir", metavar="RUN_DIR")
+    r.add_argument("--out", help="where to write privacy.json/.md/.html/.png (default: RUN_DIR)")
     return p
 
 
@@ -118,6 +124,26 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_privacy_report(args: argparse.Namespace) -> int:
+    from fedlora.privacy.report import write_report
+
+    paths = write_report(args.run_dir, args.out)
+    report = json.loads(paths[0].read_text(encoding="utf-8"))
+    state = "complete" if report["complete"] else "in progress or stopped"
+    print(f"{args.run_dir}: {state}, {report['rounds_completed']} of {report['rounds_planned']} rounds")
+    for site, v in report["sites"].items():
+        eps = "inf (no guarantee)" if v["epsilon"] is None else f"{v['epsilon']:.3f}"
+        budget = f" of {v['budget_epsilon']:g}" if v.get("budget_epsilon") is not None else ""
+        print(f"  {site:<16} epsilon {eps}{budget}  rounds {v['rounds_joined']}")
+    for cohort, v in report["cohorts"].items():
+        if v.get("client_level"):
+            print(f"  {cohort:<16} client-level epsilon {v['client_level']['epsilon']} (delta {v['client_level']['delta']:.1g})")
+    for d in report["deviations"]:
+        print(f"  note: {d}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = logging.StreamHandler()
@@ -125,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
-        return {"simulate": _cmd_simulate}[args.command](args)
+        return {"simulate": _cmd_simulate, "privacy-report": _cmd_privacy_report}[args.command](args)
     except FedloraError as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return e.exit_code

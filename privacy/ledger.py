@@ -9,10 +9,11 @@ and in checkpoints), written atomically.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
+
+from fedlora.files import write_text_atomic
 
 from .accounting import Mechanism, epsilon
 from .events import ClientDpEvent, DpSgdEvent, Event, event_from_dict, event_to_dict
@@ -21,8 +22,9 @@ LEDGER_FORMAT = "fedlora-privacy-ledger/1"
 
 
 class PrivacyLedger:
-    def __init__(self, events: Iterable[Event] = ()) -> None:
+    def __init__(self, events: Iterable[Event] = (), declarations: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self._events: list[Event] = list(events)
+        self._declarations: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (declarations or {}).items()}
 
     @property
     def events(self) -> tuple[Event, ...]:
@@ -30,6 +32,16 @@ class PrivacyLedger:
 
     def record(self, event: Event) -> None:
         self._events.append(event)
+
+    def declare(self, who: str, **facts: Any) -> None:
+        """The assumptions epsilon is computed under, per privacy unit (a site, or ``cohort:<name>``
+        for client-level DP): delta and the rule that chose it, the budget. Later declarations
+        of the same unit replace earlier ones."""
+        self._declarations[who] = dict(facts)
+
+    @property
+    def declarations(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self._declarations.items()}
 
     def site_events(self, site: str) -> list[DpSgdEvent]:
         return [e for e in self._events if isinstance(e, DpSgdEvent) and e.site == site]
@@ -55,21 +67,16 @@ class PrivacyLedger:
         return after > budget_epsilon, after
 
     def to_json(self) -> dict:
-        return {"format": LEDGER_FORMAT, "events": [event_to_dict(e) for e in self._events]}
+        return {"format": LEDGER_FORMAT, "events": [event_to_dict(e) for e in self._events], "declarations": self._declarations}
 
     @classmethod
     def from_json(cls, data: dict) -> PrivacyLedger:
         if data.get("format") != LEDGER_FORMAT:
             raise ValueError(f"not a fedlora privacy ledger (format {data.get('format')!r}, expected {LEDGER_FORMAT!r})")
-        return cls(event_from_dict(e) for e in data["events"])
+        return cls((event_from_dict(e) for e in data["events"]), data.get("declarations", {}))
 
     def save(self, path: str | Path) -> None:
-        p = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, p)
+        write_text_atomic(Path(path), json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> PrivacyLedger:

@@ -186,7 +186,10 @@ class Coordinator:
                         failed.append(site)
                         continue
                     self.ledger.record(event)
-                    self.site_privacy[site] = dict(reply.content["privacy"])
+                    status = dict(reply.content["privacy"])
+                    self.site_privacy[site] = status
+                    self.ledger.declare(site, delta=float(status["delta"]), delta_rule=str(status["delta_rule"]),
+                                        budget_epsilon=float(status["budget_epsilon"]), unit="one record at one site")
                 m = reply.content["metrics"]
                 if self.client_dp is not None:
                     unclipped.append(int(m["update_unclipped"]))
@@ -201,6 +204,9 @@ class Coordinator:
                 mean, event, info = self.client_dp.aggregate(round_, cohort.name, shapes, [u.delta for u in updates], unclipped,
                                                              len(cohort.selected), self.rng, self.cfg.privacy.accountant)
                 self.ledger.record(event)
+                delta, rule = self.client_dp.delta(cohort.name)
+                self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
+                                    sites=len(cohort.nodes), sampling=f"poisson, rate {self.client_dp.q:g} per round")
                 cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="client-dp-mean", delta=mean, weight=1.0)])
                 entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
                               "site_train_seconds": float(np.sum(seconds)), **info})
@@ -313,7 +319,7 @@ class Coordinator:
             self.client_dp.load_state_dict(st["client_dp"])
         self.site_privacy = dict(st["site_privacy"])
         self.strategy.load_state_dict(st["strategy"])
-        self.ledger = PrivacyLedger(ck.ledger.events)
+        self.ledger = PrivacyLedger(ck.ledger.events, ck.ledger.declarations)
         self.run_dir.truncate_metrics(ck.round)
         log.info("resuming after round %d", ck.round)
         return ck.round, st["initial"], st["last"]

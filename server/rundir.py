@@ -28,6 +28,7 @@ from typing import Any
 import tomli_w
 
 from fedlora.errors import ConfigError
+from fedlora.files import atomic_write
 
 
 def default_run_dir(root: str | Path = "runs") -> Path:
@@ -57,17 +58,7 @@ class RunDir:
         return cls(p)
 
     def _atomic(self, name: str, write: Callable[[Path], None]) -> Path:
-        target = self.path / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        os.close(fd)
-        try:
-            write(Path(tmp))
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write(self.path / name, write)
 
     def write_json(self, name: str, obj: Any) -> Path:
         return self._atomic(name, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedlora.cli import main
 from fedlora.privacy.accounting import Mechanism, epsilon
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.simulation.runner import simulate
@@ -49,6 +50,20 @@ def test_a_site_with_a_small_budget_stops_joining_and_nothing_crashes(make_confi
     assert lines[2]["cohorts"]["medical"]["sites_refused_budget"] == ["medical-1", "medical-2"]
     assert lines[2]["cohorts"]["medical"]["sites_trained"] == 0 and "sites_trained" not in lines[3]["cohorts"]["medical"]
     assert summary["rounds_completed"] == 3 and summary["cohorts"]["medical"]["accuracy"] is not None
+
+    # the privacy report shows the refusal, and its numbers alone recompute each site's epsilon
+    assert main(["privacy-report", str(run)]) == 0
+    report = json.loads((run / "privacy.json").read_text())
+    f1 = report["sites"]["finance-1"]
+    assert f1["rounds_joined"] == [1] and f1["rounds_refused"] == [2, 3] and f1["budget_epsilon"] == budgets["finance-1"]
+    assert any("finance-1: refused round(s) [2, 3]" in d for d in report["deviations"])
+    for name, s in report["sites"].items():
+        assert s["epsilon"] == pytest.approx(sites[name]["epsilon"])
+        assert epsilon([Mechanism(s["noise_multiplier"], s["sample_rate"], s["steps"])], s["delta"], s["accountant"]) == pytest.approx(s["epsilon"])
+        assert s["epsilon_by_round"][-1][1] == pytest.approx(s["epsilon"])
+    assert report["sample_level"]["unit"].startswith("one record") and report["complete"]
+    assert (run / "privacy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 'src="privacy.png"' in (run / "privacy.html").read_text() and "finance-1" in (run / "privacy.md").read_text()
 
 
 def test_the_selected_accountant_is_recorded_and_used(make_config, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import fedlora.simulation.runner as runner
 from fedlora.cli import main
 from fedlora.errors import ConfigError, RunInterrupted
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.report import build_report
 
 
 def _interrupt_before(round_: int, monkeypatch) -> None:
@@ -46,6 +47,9 @@ def test_a_resumed_run_equals_one_that_never_stopped(make_config, tmp_path: Path
     stopped = tmp_path / "stopped"
     assert not (stopped / "summary.json").exists()
     assert json.loads((stopped / "checkpoint" / "state.json").read_text())["round"] == 2
+    partial = build_report(stopped)  # the report works on a stopped (or running) run
+    assert not partial["complete"] and partial["rounds_completed"] == 2
+    assert any("2 of 3 rounds" in d for d in partial["deviations"])
 
     run, summary = runner.resume(stopped, progress=False)
     assert summary["resumed_after_round"] == 2 and summary["rounds_completed"] == 3
