@@ -55,6 +55,18 @@ class Cohort:
     exhausted: set[str] = field(default_factory=set)  # sites that refused a round: their budget is spent
 
 
+@dataclass
+class RoundReplies:
+    """What one cohort's sampled sites sent back in a train round."""
+
+    updates: list[SiteUpdate] = field(default_factory=list)
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (train loss, examples)
+    seconds: list[float] = field(default_factory=list)
+    unclipped: list[int] = field(default_factory=list)  # client-level DP: 1 if the update was within C
+    failed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
                  progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None,
@@ -153,80 +165,78 @@ class Coordinator:
         return messages, down
 
     # ---- one round -------------------------------------------------------------------
+    def _collect(self, cohort: Cohort, replies: dict[int, Message], round_: int) -> RoundReplies:
+        """Check every sampled site's train reply; record privacy events; sort sites into
+        trained, refused (budget spent) and failed (no reply, an error, or a bad payload)."""
+        shapes = {k: v.shape for k, v in cohort.state.items()}
+        out = RoundReplies()
+        for node in cohort.selected:
+            site, reply = cohort.nodes[node], replies.get(node)
+            if reply is not None and reply.has_error() and reply.error.code == BUDGET_EXHAUSTED_CODE:
+                log.info("round %d: %s", round_, reply.error.reason)
+                out.refused.append(site)
+                cohort.exhausted.add(site)
+                continue
+            if reply is None or reply.has_error():
+                out.failed.append(site)
+                if reply is not None:
+                    log.warning("round %d: %s", round_, reply.error.reason)
+                continue
+            try:
+                delta, _ = from_record(reply.content["update"], shapes)
+                m = reply.content["metrics"]
+                unclipped = int(m["update_unclipped"]) if self.client_dp is not None else 0
+                event = None
+                if self.cfg.privacy.dp:
+                    if "privacy_event" not in reply.content:
+                        raise FedloraError("it sent an update without a privacy event while DP is on")
+                    event = event_from_dict(dict(reply.content["privacy_event"]))
+                    status = dict(reply.content["privacy"])
+            except (FedloraError, KeyError, ValueError) as e:
+                log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
+                out.failed.append(site)
+                continue
+            if event is not None:
+                self.ledger.record(event)
+                self.site_privacy[site] = status
+                self.ledger.declare(site, delta=float(status["delta"]), delta_rule=str(status["delta_rule"]),
+                                    budget_epsilon=float(status["budget_epsilon"]), unit="one record at one site")
+            out.updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
+            out.losses.append((float(m["train_loss"]), float(m["num_examples"])))
+            out.seconds.append(float(m["train_seconds"]))
+            out.unclipped.append(unclipped)
+        return out
+
     def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         messages, down = self._broadcast("train", round_)
         before = self.bytes_up
         replies = self._exchange(grid, messages)
         for cohort in (c for c in self.cohorts.values() if c.active):
-            shapes = {k: v.shape for k, v in cohort.state.items()}
-            updates, losses, failed, refused, seconds, unclipped = [], [], [], [], [], []
-            for node in cohort.selected:
-                site, reply = cohort.nodes[node], replies.get(node)
-                if reply is not None and reply.has_error() and reply.error.code == BUDGET_EXHAUSTED_CODE:
-                    log.info("round %d: %s", round_, reply.error.reason)
-                    refused.append(site)
-                    cohort.exhausted.add(site)
-                    continue
-                if reply is None or reply.has_error():
-                    failed.append(site)
-                    if reply is not None:
-                        log.warning("round %d: %s", round_, reply.error.reason)
-                    continue
-                try:
-                    delta, _ = from_record(reply.content["update"], shapes)
-                except FedloraError as e:
-                    log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
-                    failed.append(site)
-                    continue
-                if "privacy_event" in reply.content:
-                    try:
-                        event = event_from_dict(dict(reply.content["privacy_event"]))
-                    except ValueError as e:
-                        log.warning("round %d: rejected site %s: malformed privacy event: %s", round_, site, e)
-                        failed.append(site)
-                        continue
-                    self.ledger.record(event)
-                    status = dict(reply.content["privacy"])
-                    self.site_privacy[site] = status
-                    self.ledger.declare(site, delta=float(status["delta"]), delta_rule=str(status["delta_rule"]),
-                                        budget_epsilon=float(status["budget_epsilon"]), unit="one record at one site")
-                m = reply.content["metrics"]
-                if self.client_dp is not None:
-                    unclipped.append(int(m["update_unclipped"]))
-                updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
-                losses.append((float(m["train_loss"]), float(m["num_examples"])))
-                seconds.append(float(m["train_seconds"]))
+            got = self._collect(cohort, replies, round_)
             entry = line["cohorts"].setdefault(cohort.name, {})
-            entry["sites_refused_budget"] = refused
-            entry["sites_selected"] = len(cohort.selected)
-            if self.client_dp is not None and (updates or not cohort.selected):
+            entry.update({"sites_refused_budget": got.refused, "sites_selected": len(cohort.selected), "sites_trained": len(got.updates),
+                          "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds))})
+            if self.client_dp is not None and (got.updates or not cohort.selected):
                 # the noised mean is released even when Poisson sampling picked no site (noise only)
-                mean, event, info = self.client_dp.aggregate(round_, cohort.name, shapes, [u.delta for u in updates], unclipped,
+                shapes = {k: v.shape for k, v in cohort.state.items()}
+                mean, event, info = self.client_dp.aggregate(round_, cohort.name, shapes, [u.delta for u in got.updates], got.unclipped,
                                                              len(cohort.selected), self.rng, self.cfg.privacy.accountant)
                 self.ledger.record(event)
                 delta, rule = self.client_dp.delta(cohort.name)
                 self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
                                     sites=len(cohort.nodes), sampling=f"poisson, rate {self.client_dp.q:g} per round")
                 cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="client-dp-mean", delta=mean, weight=1.0)])
-                entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
-                              "site_train_seconds": float(np.sum(seconds)), **info})
-                continue
-            if not cohort.selected:
-                entry.update({"sites_trained": 0, "sites_failed": [], "site_train_seconds": 0.0})
-                continue
-            if not updates and refused and not failed and cohort.exhausted == set(cohort.nodes.values()):
+                entry.update({"train_loss": _weighted(got.losses), **info})
+            elif got.updates:
+                cohort.state = self.strategy.aggregate(cohort.state, got.updates)
+                entry["train_loss"] = _weighted(got.losses)
+            elif got.failed:
+                raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed "
+                                      f"({', '.join(got.failed + got.refused)}); stopping")
+            elif cohort.exhausted == set(cohort.nodes.values()):
                 log.warning("round %d: every site of cohort %r has spent its privacy budget; the cohort stops training", round_, cohort.name)
                 cohort.active = False
-                entry.update({"sites_trained": 0, "sites_failed": [], "site_train_seconds": 0.0})
-                continue
-            if not updates and not failed:  # the sampled sites refused; others may still have budget
-                entry.update({"sites_trained": 0, "sites_failed": [], "site_train_seconds": 0.0})
-                continue
-            if not updates:
-                raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed ({', '.join(failed + refused)}); stopping")
-            cohort.state = self.strategy.aggregate(cohort.state, updates)
-            entry.update({"train_loss": _weighted(losses), "sites_trained": len(updates), "sites_failed": failed,
-                          "site_train_seconds": float(np.sum(seconds))})
+            # else: no site sampled, or the sampled ones refused while others still have budget
         self.bytes_down += down
         line["bytes_up"], line["bytes_down"] = self.bytes_up - before, down
 

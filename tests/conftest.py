@@ -32,7 +32,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(model: Path, out: Path, **over: object) -> object:
-    """A fast run: tiny model, 2 cohorts of 2 demo sites, 2 rounds."""
+    """A fast run: tiny model, 2 cohorts of 2 demo sites, 2 rounds, no DP unless asked for."""
     data = {
         "seed": 7, "out": str(out),
         "model": {"source": str(model), "max_length": 32},
@@ -47,6 +47,7 @@ def tiny_config(model: Path, out: Path, **over: object) -> object:
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
+    data.setdefault("privacy", {}).setdefault("dp", False)  # DP-SGD only where a test asks for it
     return config_from_dict(data)
 
 
