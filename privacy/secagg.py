@@ -1,0 +1,234 @@
+"""SecAgg+ (Bell et al., CCS 2020; Bonawitz et al., CCS 2017) as pure protocol logic.
+
+No transport here: ``SecAggSite`` and ``SecAggCoordinator`` exchange plain Python values
+stage by stage, and the Flower glue carries them in Messages. Stages:
+
+0. setup: the coordinator places the sites on a random k-regular graph (a circulant graph
+   over a random permutation) and fixes the threshold t (of k neighbours) and the quantiser;
+1. advertise: each site makes two X25519 key pairs, ``c`` (to encrypt shares) and ``s`` (to
+   agree pairwise mask seeds), and sends the public keys; the coordinator relays them;
+2. share: each site draws a 256-bit self-mask seed ``b_i``, Shamir-splits ``b_i`` and its
+   ``s`` private key t-of-(k+1) among its neighbours and itself (it keeps one share, which it
+   reveals only for its own self mask), and encrypts each neighbour's pair of shares
+   with AES-GCM under ``HKDF-SHA256(X25519(c_i, c_j))`` (associated data binds sender,
+   recipient and round); the coordinator relays ciphertexts it cannot read;
+3. masked input: site i sends ``y_i = x_i + PRG(b_i) + sum_{j in N(i), j > i} PRG(s_ij)
+   - sum_{j in N(i), j < i} PRG(s_ij) (mod 2^m)`` over the neighbours that completed stage 2,
+   with ``s_ij = HKDF(X25519(s_i, s_j))`` and PRG = ChaCha20 (``fedlora.privacy.masking``);
+4. unmask: the coordinator names the survivors (sent y) and the dropped (shared keys, sent
+   no y); each survivor returns, per neighbour, the ``b`` share of a survivor or the ``s`` key
+   share of a dropped one, never both for the same peer (``UnmaskRefused``), and never fewer
+   than t survivors. With t shares per secret the coordinator removes every self mask and the
+   dropped sites' pairwise masks and obtains ``sum_{i in survivors} x_i (mod 2^m)``.
+
+Below t shares for any needed secret, or fewer than t survivors, the round aborts
+(``SecAggAbort``): no sum, and nothing more is revealed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import masking, shamir
+
+
+class SecAggAbort(RuntimeError):
+    """The round cannot be unmasked (too few survivors or shares); nothing is revealed."""
+
+
+class UnmaskRefused(RuntimeError):
+    """A site refused an unmasking request that would reveal too much."""
+
+
+def _kdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def _raw(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _private_raw(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+def pairwise_seed(private: X25519PrivateKey, peer_public: bytes, round_id: str) -> bytes:
+    """``s_ij``: the same 32 bytes at both ends of an edge."""
+    return _kdf(private.exchange(X25519PublicKey.from_public_bytes(peer_public)), f"fedlora-secagg-mask|{round_id}".encode())
+
+
+def neighbours(nodes: Iterable[int], k: int, rng: random.Random) -> dict[int, list[int]]:
+    """A random k-regular graph (k even, k < n; k >= n - 1 means everyone): the circulant graph
+    joining each site to the k/2 next and previous ones in a random order."""
+    order = sorted(nodes)
+    n = len(order)
+    if k >= n - 1:
+        return {u: [v for v in order if v != u] for u in order}
+    if k < 2 or k % 2:
+        raise ValueError(f"k must be even and >= 2, got {k}")
+    rng.shuffle(order)
+    out: dict[int, list[int]] = {u: [] for u in order}
+    for pos, u in enumerate(order):
+        for step in range(1, k // 2 + 1):
+            out[u].append(order[(pos + step) % n])
+            out[u].append(order[(pos - step) % n])
+    return {u: sorted(set(vs)) for u, vs in out.items()}
+
+
+@dataclass
+class SecAggSite:
+    node: int
+    peers: list[int]  # this site's neighbours
+    threshold: int
+    modulus_bits: int
+    round_id: str
+    _c: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
+    _s: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
+    _b: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)  # peer -> (c_pk, s_pk)
+    _held: dict[int, tuple[tuple[int, bytes], tuple[int, bytes]]] = field(default_factory=dict, repr=False)  # peer -> (b share, sk share)
+    _revealed: dict[int, str] = field(default_factory=dict, repr=False)  # peer -> "b" or "sk", once revealed
+
+    # stage 1
+    def advertise(self) -> tuple[bytes, bytes]:
+        return _raw(self._c.public_key()), _raw(self._s.public_key())
+
+    def _channel(self, peer: int) -> AESGCM:
+        return AESGCM(_kdf(self._c.exchange(X25519PublicKey.from_public_bytes(self._keys[peer][0])),
+                           f"fedlora-secagg-channel|{self.round_id}".encode()))
+
+    # stage 2
+    def share_keys(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Encrypted share pairs, one per neighbour whose keys arrived (others have dropped)."""
+        self._keys = {p: tuple(public_keys[p]) for p in self.peers if p in public_keys}  # type: ignore[misc]
+        if len(self._keys) < self.threshold:
+            raise SecAggAbort(f"site {self.node}: only {len(self._keys)} neighbours advertised keys, threshold {self.threshold}")
+        live = sorted(self._keys)
+        b_shares = shamir.split(self._b, self.threshold, len(live) + 1)
+        s_shares = shamir.split(_private_raw(self._s), self.threshold, len(live) + 1)
+        self._held[self.node] = (b_shares[-1], s_shares[-1])  # its own share: revealed only for its self mask
+        out = {}
+        for peer, bs, ss in zip(live, b_shares, s_shares):
+            plain = bs[0].to_bytes(2, "big") + bs[1] + ss[0].to_bytes(2, "big") + ss[1]
+            nonce = os.urandom(12)
+            out[peer] = nonce + self._channel(peer).encrypt(nonce, plain, f"{self.node}->{peer}|{self.round_id}".encode())
+        return out
+
+    def receive_shares(self, ciphertexts: Mapping[int, bytes]) -> None:
+        """Decrypt the share pairs the neighbours sent this site (via the coordinator)."""
+        n = shamir.SHARE_BYTES
+        for peer, blob in ciphertexts.items():
+            if peer not in self._keys:
+                raise SecAggAbort(f"site {self.node}: a share from {peer}, which is not a neighbour that advertised keys")
+            try:
+                plain = self._channel(peer).decrypt(blob[:12], blob[12:], f"{peer}->{self.node}|{self.round_id}".encode())
+            except InvalidTag:
+                raise SecAggAbort(f"site {self.node}: the share from {peer} does not authenticate") from None
+            self._held[peer] = ((int.from_bytes(plain[:2], "big"), plain[2:2 + n]),
+                                (int.from_bytes(plain[2 + n:4 + n], "big"), plain[4 + n:]))
+
+    # stage 3
+    def masked_input(self, values: np.ndarray) -> np.ndarray:
+        """``y_i`` over the neighbours that sent shares (they completed stage 2)."""
+        m = self.modulus_bits
+        y = masking.add(np.asarray(values, dtype=np.uint64), masking.mask(self._b, len(values), m), m)
+        for peer in sorted(p for p in self._held if p != self.node):
+            seed = pairwise_seed(self._s, self._keys[peer][1], self.round_id)
+            pm = masking.mask(seed, len(values), m)
+            y = masking.add(y, pm, m) if peer > self.node else masking.sub(y, pm, m)
+        return y
+
+    # stage 4
+    def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, tuple[str, tuple[int, bytes]]]:
+        """Per neighbour: ("b", share) for a survivor, ("sk", share) for a dropped one."""
+        alive, gone = set(survivors), set(dropped)
+        if alive & gone:
+            raise UnmaskRefused(f"site {self.node}: sites {sorted(alive & gone)} are named both survived and dropped")
+        if len(alive) < self.threshold:
+            raise UnmaskRefused(f"site {self.node}: only {len(alive)} survivors, below the threshold {self.threshold}")
+        if self.node not in alive:
+            raise UnmaskRefused(f"site {self.node}: the request does not count this site among the survivors; its key share "
+                                "would unmask its own input")
+        out: dict[int, tuple[str, tuple[int, bytes]]] = {}
+        for peer in sorted((alive | gone) & set(self._held)):
+            kind = "b" if peer in alive else "sk"
+            if self._revealed.get(peer, kind) != kind:
+                raise UnmaskRefused(f"site {self.node}: already revealed the {self._revealed[peer]} share of site {peer}; "
+                                    f"refusing its {kind} share too (that would unmask its input)")
+        for peer in sorted((alive | gone) & set(self._held)):
+            kind = "b" if peer in alive else "sk"
+            self._revealed[peer] = kind
+            out[peer] = (kind, self._held[peer][0 if kind == "b" else 1])
+        return out
+
+
+@dataclass
+class SecAggCoordinator:
+    """Holds what the coordinator legitimately sees: public keys, ciphertexts, masked vectors."""
+
+    graph: dict[int, list[int]]
+    threshold: int
+    modulus_bits: int
+    round_id: str
+    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    shared: set[int] = field(default_factory=set)  # sites that completed stage 2
+
+    def relay_keys(self, advertised: Mapping[int, tuple[bytes, bytes]]) -> dict[int, dict[int, tuple[bytes, bytes]]]:
+        self.public_keys = dict(advertised)
+        return {u: {p: self.public_keys[p] for p in self.graph[u] if p in self.public_keys} for u in self.public_keys}
+
+    def relay_shares(self, sent: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Route each ciphertext to its recipient; ``sent[i][j]`` is i's ciphertext for j."""
+        self.shared = set(sent)
+        inbox: dict[int, dict[int, bytes]] = {u: {} for u in self.shared}
+        for src, boxes in sent.items():
+            for dst, blob in boxes.items():
+                if dst in inbox:
+                    inbox[dst][src] = blob
+        return inbox
+
+    def unmask_request(self, masked: Mapping[int, np.ndarray]) -> tuple[list[int], list[int]]:
+        survivors = sorted(set(masked) & self.shared)
+        if len(survivors) < self.threshold:
+            raise SecAggAbort(f"only {len(survivors)} sites sent masked inputs; the threshold is {self.threshold}")
+        return survivors, sorted(self.shared - set(masked))
+
+    def aggregate(self, masked: Mapping[int, np.ndarray], responses: Mapping[int, Mapping[int, tuple[str, tuple[int, bytes]]]]) -> np.ndarray:
+        """The sum of the survivors' inputs modulo 2^m."""
+        m = self.modulus_bits
+        survivors, dropped = self.unmask_request(masked)
+        shares: dict[tuple[int, str], list[tuple[int, bytes]]] = {}
+        for responder, per_peer in responses.items():
+            if responder not in survivors:
+                continue
+            for peer, (kind, share) in per_peer.items():
+                shares.setdefault((peer, kind), []).append(share)
+        d = len(next(iter(masked.values())))
+        total = np.zeros(d, dtype=np.uint64)
+        for u in survivors:
+            total = masking.add(total, masked[u], m)
+        for u in survivors:
+            got = shares.get((u, "b"), [])
+            if len(got) < self.threshold:
+                raise SecAggAbort(f"only {len(got)} shares of site {u}'s self mask, threshold {self.threshold}")
+            total = masking.sub(total, masking.mask(shamir.combine(got, self.threshold), d, m), m)
+        for u in dropped:
+            got = shares.get((u, "sk"), [])
+            if len(got) < self.threshold:
+                raise SecAggAbort(f"only {len(got)} key shares of dropped site {u}, threshold {self.threshold}")
+            s_u = X25519PrivateKey.from_private_bytes(shamir.combine(got, self.threshold))
+            for v in self.graph[u]:
+                if v in survivors:  # v added +PRG(s_uv) if u > v, else -PRG(s_uv): undo it
+                    pm = masking.mask(pairwise_seed(s_u, self.public_keys[v][1], self.round_id), d, m)
+                    total = masking.sub(total, pm, m) if u > v else masking.add(total, pm, m)
+        return total
