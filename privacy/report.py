@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedlora.errors import FedloraError
 
-from .accounting import Mechanism, epsilon
-from .events import ClientDpEvent, DpSgdEvent
+from .events import DpSgdEvent
 from .ledger import PrivacyLedger
+from .summary import client_spend, site_spend
 
 REPORT_FORMAT = "fedlora-privacy-report/1"
 
@@ -49,19 +48,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"{path}: cannot be read: {e}") from None
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def _cumulative(mechs: Sequence[tuple[int, Mechanism]], delta: float, accountant: str) -> list[list[float | None]]:
-    """[[round, epsilon after that round], ...] composing from the first event on."""
-    out, seen = [], []
-    for round_, m in mechs:
-        seen.append(m)
-        out.append([round_, _finite(epsilon(seen, delta, accountant))])
-    return out
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
@@ -99,7 +85,6 @@ def build_report(run: Path) -> dict[str, Any]:
     sites_by_cohort = _read_json(run / "sites.json") if (run / "sites.json").exists() else {}
     ledger_path = run / "privacy_ledger.json"
     ledger = PrivacyLedger.load(ledger_path) if ledger_path.exists() else PrivacyLedger()
-    decl = ledger.declarations
     accountant = str(privacy.get("accountant", "rdp"))
 
     refused: dict[str, list[int]] = {}
@@ -117,18 +102,12 @@ def build_report(run: Path) -> dict[str, Any]:
     sites: dict[str, Any] = {}
     all_sites = {s: c for c, names in sites_by_cohort.items() for s in names}
     for site in sorted(set(all_sites) | {e.site for e in ledger.events if isinstance(e, DpSgdEvent)}):
-        events = ledger.site_events(site)
-        d = decl.get(site, {})
-        if not events:
+        spend = site_spend(ledger, site)
+        if spend is None:
             sites[site] = {"cohort": all_sites.get(site), "epsilon": 0.0, "rounds_joined": [], "rounds_refused": refused.get(site, []),
                            "note": "no DP round recorded"}
             continue
-        acc = events[-1].accountant
-        delta = float(d.get("delta", 1e-5))
-        mechs = [(e.round, Mechanism(e.noise_multiplier, e.sample_rate, e.steps)) for e in events]
-        eps = epsilon([m for _, m in mechs], delta, acc)
-        last = events[-1]
-        rounds = [e.round for e in events]
+        eps, budget, rounds = spend["epsilon"], spend["budget_epsilon"], spend["rounds_joined"]
         twice = sorted({r for r in rounds if rounds.count(r) > 1})
         if twice:
             deviations.append(f"{site}: round(s) {twice} trained more than once (a restart mid-round); each release is charged")
@@ -136,17 +115,9 @@ def build_report(run: Path) -> dict[str, Any]:
             deviations.append(f"{site}: refused round(s) {refused[site]}: its budget would have been exceeded")
         if failed.get(site):
             deviations.append(f"{site}: failed or dropped out in round(s) {failed[site]}")
-        sites[site] = {
-            "cohort": last.cohort, "epsilon": _finite(eps), "delta": delta, "delta_rule": d.get("delta_rule", "not declared"),
-            "budget_epsilon": d.get("budget_epsilon"), "budget_left": (None if not math.isfinite(eps) or d.get("budget_epsilon") is None
-                                                                     else max(0.0, float(d["budget_epsilon"]) - eps)),
-            "noise_multiplier": last.noise_multiplier, "sample_rate": last.sample_rate, "steps": sum(e.steps for e in events),
-            "max_grad_norm": last.max_grad_norm, "accountant": acc, "rounds_joined": rounds, "rounds_refused": refused.get(site, []),
-            "epsilon_by_round": _cumulative(mechs, delta, acc),
-            "events": [{"round": e.round, "noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate, "steps": e.steps,
-                        "max_grad_norm": e.max_grad_norm} for e in events],
-        }
-        if not math.isfinite(eps):
+        sites[site] = spend | {"rounds_refused": refused.get(site, []),
+                               "budget_left": None if eps is None or budget is None else max(0.0, float(budget) - eps)}
+        if eps is None:
             sites[site]["guarantee"] = "none (noise multiplier 0)"
 
     cohorts: dict[str, Any] = {}
@@ -155,24 +126,14 @@ def build_report(run: Path) -> dict[str, Any]:
         finite = [e for e in eps if e is not None]
         cohorts[cohort] = {"sites": list(names), "max_epsilon": (None if len(finite) < len(eps) else max(finite, default=0.0)),
                            "min_epsilon": min(finite, default=0.0)}
-        cevents = ledger.cohort_events(cohort)
-        if cevents:
-            cd = decl.get(f"cohort:{cohort}", {})
-            cdelta = float(cd.get("delta", 1e-5))
+        client = client_spend(ledger, cohort)
+        if client is not None:
             z = float(privacy.get("client_noise_multiplier", 1.0))
-            low = [(e.round, round(e.noise_multiplier, 4)) for e in cevents if e.noise_multiplier < z - 1e-9]
+            low = [(e["round"], round(e["noise_multiplier"], 4)) for e in client["events"] if e["noise_multiplier"] < z - 1e-9]
             if low and not privacy.get("adaptive_clip", False):
                 deviations.append(f"cohort {cohort}: client-level noise below the configured z = {z:g} after dropouts "
                                   f"(round, effective z): {low}")
-            cm = [(e.round, Mechanism(e.noise_multiplier, e.sample_rate, e.steps)) for e in cevents]
-            cohorts[cohort]["client_level"] = {
-                "epsilon": _finite(epsilon([m for _, m in cm], cdelta, cevents[-1].accountant)), "delta": cdelta,
-                "delta_rule": cd.get("delta_rule", "not declared"), "accountant": cevents[-1].accountant,
-                "sample_rate": cevents[-1].sample_rate, "noised_by": cevents[-1].noised_by,
-                "epsilon_by_round": _cumulative(cm, cdelta, cevents[-1].accountant),
-                "events": [{"round": e.round, "noise_multiplier": e.noise_multiplier, "sample_rate": e.sample_rate,
-                            "clip_norm": e.clip_norm, "noised_by": e.noised_by} for e in cevents],
-            }
+            cohorts[cohort]["client_level"] = client
 
     if privacy.get("client_dp") and privacy.get("client_noise") == "sites" and not cfg.get("secure_aggregation", {}).get("enabled", False):
         deviations.append("client-level noise is drawn by the sites but secure aggregation is off: the coordinator sees each site's "

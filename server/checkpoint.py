@@ -4,8 +4,7 @@ Written after every round into ``RUN_DIR/checkpoint/`` (a temporary folder renam
 place, so a crash leaves the previous checkpoint whole):
 
     checkpoint/state.json            round, counters, RNG state, per-cohort flags, client-DP
-                                     clip norms, the sites' privacy status, strategy state,
-                                     the round-0 and last metrics lines
+                                     clip norms, strategy state, the round-0 and last metrics lines
     checkpoint/adapters.safetensors  every cohort's global adapter (keys ``<cohort>/<name>``)
     checkpoint/privacy_ledger.json   the run's privacy ledger
 

@@ -35,6 +35,7 @@ from fedlora.model import ModelSpec, derive_seed, get_runtime
 from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.summary import client_spend, site_spend
 from fedlora.strategies import SiteUpdate, get_strategy
 
 from .checkpoint import Checkpoint
@@ -79,7 +80,6 @@ class Coordinator:
         self.bytes_up = 0  # content bytes of every reply received (discovery included)
         self.bytes_down = 0  # content bytes of every message sent
         self.ledger = PrivacyLedger()
-        self.site_privacy: dict[str, dict[str, Any]] = {}  # site -> its last privacy record (delta, budget, ...)
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "coordinator"))  # site sampling, client-level noise
         self.client_dp: ClientLevelDp | None = None  # set once the cohorts' sizes are known
 
@@ -198,7 +198,6 @@ class Coordinator:
                 continue
             if event is not None:
                 self.ledger.record(event)
-                self.site_privacy[site] = status
                 self.ledger.declare(site, delta=float(status["delta"]), delta_rule=str(status["delta_rule"]),
                                     budget_epsilon=float(status["budget_epsilon"]), unit="one record at one site")
             out.updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
@@ -267,38 +266,19 @@ class Coordinator:
         line["bytes_down"] += down
 
     # ---- the run ---------------------------------------------------------------------
-    def _client_privacy_summary(self) -> dict[str, Any]:
-        """Per cohort: client-level epsilon (privacy unit: one whole site) from the ledger."""
-        assert self.client_dp is not None
-        out = {}
-        for name in self.cohorts:
-            events = self.ledger.cohort_events(name)
-            delta, rule = self.client_dp.delta(name)
-            out[name] = {"epsilon": self.ledger.client_level_spent(name, delta, self.cfg.privacy.accountant) if events else 0.0,
-                         "delta": delta, "delta_rule": rule, "rounds": [e.round for e in events],
-                         "noise_multipliers": [e.noise_multiplier for e in events], "clip_norms": [e.clip_norm for e in events],
-                         "sample_rate": self.client_dp.q, "noised_by": self.cfg.privacy.client_noise,
-                         "accountant": self.cfg.privacy.accountant, "adaptive_clip": self.cfg.privacy.adaptive_clip}
-        return out
-
     def _privacy_summary(self) -> dict[str, Any]:
-        """Per site: epsilon recomputed from the run's ledger, with the site's delta and budget."""
+        """Per site (sample-level DP) and per cohort (client-level DP): epsilon recomputed from the
+        run's ledger at each unit's declared delta, with the parameters to recompute it."""
         out: dict[str, Any] = {"dp": self.cfg.privacy.dp, "client_dp": self.cfg.privacy.client_dp}
         if self.client_dp is not None:
             out["client_level"] = {"unit": "one whole site", "sampling": f"poisson, rate {self.client_dp.q:g} per round",
-                                   "cohorts": self._client_privacy_summary()}
-        if not self.cfg.privacy.dp:
-            return out
-        sites = {}
-        for site, status in sorted(self.site_privacy.items()):
-            events = self.ledger.site_events(site)
-            last = events[-1]
-            delta = float(status["delta"])
-            sites[site] = {"epsilon": self.ledger.spent(site, delta, last.accountant), "delta": delta, "delta_rule": status["delta_rule"],
-                           "budget_epsilon": float(status["budget_epsilon"]), "noise_multiplier": last.noise_multiplier,
-                           "sample_rate": last.sample_rate, "steps": sum(e.steps for e in events), "rounds_joined": [e.round for e in events],
-                           "max_grad_norm": last.max_grad_norm, "accountant": last.accountant, "cohort": last.cohort}
-        return out | {"unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)", "sites": sites}
+                                   "noised_by": self.cfg.privacy.client_noise, "adaptive_clip": self.cfg.privacy.adaptive_clip,
+                                   "cohorts": {c: client_spend(self.ledger, c) for c in self.cohorts}}
+        if self.cfg.privacy.dp:
+            spent = {s: site_spend(self.ledger, s) for c in self.cohorts.values() for s in sorted(c.nodes.values())}
+            out |= {"unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)",
+                    "sites": {s: v for s, v in sorted(spent.items()) if v is not None}}
+        return out
 
     def _checkpoint(self, round_: int, initial: dict[str, Any], last: dict[str, Any]) -> None:
         state = {
@@ -306,7 +286,7 @@ class Coordinator:
             "cohorts": {c.name: {"active": c.active, "exhausted": sorted(c.exhausted), "sites": sorted(c.nodes.values())}
                         for c in self.cohorts.values()},
             "client_dp": self.client_dp.state_dict() if self.client_dp is not None else None,
-            "site_privacy": self.site_privacy, "strategy": self.strategy.state_dict(), "initial": initial, "last": last,
+            "strategy": self.strategy.state_dict(), "initial": initial, "last": last,
         }
         Checkpoint(round_, {c.name: c.state for c in self.cohorts.values()}, self.ledger, state).save(self.run_dir)
 
@@ -327,7 +307,6 @@ class Coordinator:
         self.rng.bit_generator.state = st["rng"]
         if self.client_dp is not None and st.get("client_dp"):
             self.client_dp.load_state_dict(st["client_dp"])
-        self.site_privacy = dict(st["site_privacy"])
         self.strategy.load_state_dict(st["strategy"])
         self.ledger = PrivacyLedger(ck.ledger.events, ck.ledger.declarations)
         self.run_dir.truncate_metrics(ck.round)
