@@ -34,6 +34,7 @@ from fedlora.records import from_record, to_record
 from fedlora.task import EncodedExamples
 
 from .data import load_labelled_texts, shard, split_train_eval
+from . import secagg_site
 from .privacy_site import BudgetExhausted, client_level_update, private_round
 from .site import SiteSpec
 from .trainer import LocalTrainSettings, evaluate_local, train_local
@@ -121,12 +122,16 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
                                  cohort=site.cohort, num_labels=len(data.labels), round_=int(cfg["round"]))
         delta, extra = result.delta, {}
-        if bool(cfg.get("privacy.client_dp", False)):
+        client_dp = bool(cfg.get("privacy.client_dp", False))
+        if client_dp:
             delta, extra["update_unclipped"] = client_level_update(delta, cfg, site=site.name)
-        update, _ = to_record(delta, str(cfg["wire_dtype"]))
-        metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss,
-                                "steps": result.steps, "train_seconds": result.seconds, **extra})
-        content = RecordDict({"update": update, "metrics": metrics})
+        if bool(cfg.get("secagg.enabled", False)):  # the update stays here, masked, until stage 3
+            content = secagg_site.begin(ctx, cfg, delta, result.num_examples, result.train_loss, weight=1.0 if client_dp else None)
+        else:
+            update, _ = to_record(delta, str(cfg["wire_dtype"]))
+            metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss,
+                                    "steps": result.steps, "train_seconds": result.seconds, **extra})
+            content = RecordDict({"update": update, "metrics": metrics})
         if privacy is not None:
             content["privacy_event"], content["privacy"] = ConfigRecord(privacy[0]), ConfigRecord(privacy[1])
         return content
@@ -141,6 +146,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
     app.query()(guarded(query))
     app.train()(guarded(train))
     app.evaluate()(guarded(evaluate))
+    for stage in (secagg_site.share, secagg_site.masked, secagg_site.unmask):
+        app.train(f"secagg_{stage.__name__}")(guarded(lambda msg, ctx, site, stage=stage: stage(ctx, msg.content)))
     return app
 
 

@@ -35,19 +35,12 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
+from .privacy_config import PrivacyConfig, SecureAggregationConfig
+from .validation import one_of as _one_of, require as _require
 
 PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
 DEMO_DOMAINS = ("finance", "medical", "retail")
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-
-
-def _require(ok: bool, key: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, expected)
-
-
-def _one_of(key: str, value: object, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, value, f"must be one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -155,75 +148,6 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Sample-level DP (DP-SGD) at every site, with a per-site budget (epsilon, delta).
-
-    ``delta = 0`` means automatic: 1e-5, or 0.1 / n at a site with n <= 1e5 training records
-    (delta must stay below 1/n). ``budgets`` gives single sites their own epsilon.
-
-    Client-level DP (``client_dp``; privacy unit: one whole site) clips each site's update to
-    ``client_clip_norm`` and adds ``N(0, (client_noise_multiplier * C)^2)`` to each cohort's
-    sum, drawn by the coordinator or in shares by the sites (``client_noise``); see
-    ``fedlora.privacy.client_dp``. ``adaptive_clip`` moves C towards the
-    ``adaptive_target_quantile`` of the update norms (Andrew et al. 2021)."""
-
-    dp: bool = False
-    epsilon: float = 8.0
-    delta: float = 0.0
-    max_grad_norm: float = 1.0
-    noise_multiplier: float = 0.0  # 0: each site calibrates sigma to its budget over the planned rounds
-    accountant: str = "rdp"
-    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks, or ghost (ghost clipping, no per-sample grads kept)
-    budgets: Mapping[str, float] = field(default_factory=dict)
-    client_dp: bool = False
-    client_noise_multiplier: float = 1.0
-    client_clip_norm: float = 1.0
-    client_delta: float = 0.0  # 0: 1e-5, or 0.1/n for a cohort of n sites where 1e-5 is not below 1/(10 n)
-    client_noise: str = "coordinator"  # who draws the noise: coordinator, or sites (shares; for secure aggregation)
-    adaptive_clip: bool = False
-    adaptive_target_quantile: float = 0.5
-    adaptive_clip_lr: float = 0.2
-    adaptive_count_noise: float = 0.0  # std of the noise on the clipped count; 0: max(expected sites / 20, z)
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.dp, bool), "privacy.dp", self.dp, "must be true or false")
-        _require(isinstance(self.epsilon, (int, float)) and 0 < self.epsilon < 1000, "privacy.epsilon", self.epsilon, "must be in (0, 1000)")
-        _require(isinstance(self.delta, (int, float)) and 0 <= self.delta < 0.1, "privacy.delta", self.delta, "must be 0 (automatic) or in (0, 0.1)")
-        _require(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0, "privacy.max_grad_norm", self.max_grad_norm, "must be > 0")
-        _require(isinstance(self.noise_multiplier, (int, float)) and 0 <= self.noise_multiplier <= 1e4,
-                 "privacy.noise_multiplier", self.noise_multiplier, "must be 0 (calibrate to the budget) or a positive number")
-        _one_of("privacy.accountant", self.accountant, ("rdp", "prv"))
-        _one_of("privacy.grad_sample_mode", self.grad_sample_mode, ("hooks", "ghost"))
-        for key in ("client_dp", "adaptive_clip"):
-            _require(isinstance(getattr(self, key), bool), f"privacy.{key}", getattr(self, key), "must be true or false")
-        _require(isinstance(self.client_noise_multiplier, (int, float)) and 0 < self.client_noise_multiplier <= 1e4,
-                 "privacy.client_noise_multiplier", self.client_noise_multiplier, "must be in (0, 10000]")
-        _require(isinstance(self.client_clip_norm, (int, float)) and math.isfinite(self.client_clip_norm) and self.client_clip_norm > 0,
-                 "privacy.client_clip_norm", self.client_clip_norm, "must be > 0")
-        _require(isinstance(self.client_delta, (int, float)) and 0 <= self.client_delta < 0.1, "privacy.client_delta", self.client_delta,
-                 "must be 0 (automatic) or in (0, 0.1)")
-        _one_of("privacy.client_noise", self.client_noise, ("coordinator", "sites"))
-        _require(isinstance(self.adaptive_target_quantile, (int, float)) and 0 < self.adaptive_target_quantile < 1,
-                 "privacy.adaptive_target_quantile", self.adaptive_target_quantile, "must be in (0, 1)")
-        _require(isinstance(self.adaptive_clip_lr, (int, float)) and 0 < self.adaptive_clip_lr <= 10,
-                 "privacy.adaptive_clip_lr", self.adaptive_clip_lr, "must be in (0, 10]")
-        _require(isinstance(self.adaptive_count_noise, (int, float)) and self.adaptive_count_noise >= 0,
-                 "privacy.adaptive_count_noise", self.adaptive_count_noise, "must be 0 (automatic) or > 0")
-        if self.adaptive_count_noise > 0:
-            _require(2 * self.adaptive_count_noise > self.client_noise_multiplier, "privacy.adaptive_count_noise",
-                     self.adaptive_count_noise, f"must exceed client_noise_multiplier / 2 = {self.client_noise_multiplier / 2:g} "
-                     "(Andrew et al. 2021, Thm 1)")
-        _require(not self.adaptive_clip or self.client_dp, "privacy.adaptive_clip", self.adaptive_clip, "needs privacy.client_dp = true")
-        _require(isinstance(self.budgets, Mapping), "privacy.budgets", self.budgets, "must be a table of site = epsilon")
-        for site, eps in self.budgets.items():
-            _require(isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 < eps < 1000,
-                     f"privacy.budgets.{site}", eps, "must be in (0, 1000)")
-
-    def budget_for(self, site: str) -> float:
-        return float(self.budgets.get(site, self.epsilon))
-
-
-@dataclass(frozen=True)
 class DemoConfig:
     """The synthetic demo data (used for cohorts without a ``data`` file)."""
 
@@ -287,6 +211,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     cohorts: tuple[CohortConfig, ...] = field(default_factory=_default_cohorts)
 
     def __post_init__(self) -> None:
@@ -296,6 +221,11 @@ class RunConfig:
         _require(len(self.cohorts) > 0, "cohorts", [], "at least one cohort is needed")
         names = [c.name for c in self.cohorts]
         _require(len(set(names)) == len(names), "cohorts", names, "cohort names must be unique")
+        if self.secure_aggregation.enabled and self.privacy.client_dp:
+            _require(self.privacy.client_noise == "sites", "privacy.client_noise", self.privacy.client_noise,
+                     "must be \"sites\" with secure aggregation: the coordinator never holds an un-noised sum")
+            _require(not self.privacy.adaptive_clip, "privacy.adaptive_clip", True,
+                     "is not supported with secure aggregation yet (its clipped count would travel in the clear)")
 
     @property
     def total_sites(self) -> int:
@@ -322,6 +252,7 @@ class RunConfig:
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig, "lora": LoraSettings, "task": TaskConfig, "train": TrainConfig,
     "federation": FederationConfig, "demo": DemoConfig, "privacy": PrivacyConfig,
+    "secure_aggregation": SecureAggregationConfig,
 }
 
 

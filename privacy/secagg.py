@@ -27,6 +27,7 @@ Below t shares for any needed secret, or fewer than t survivors, the round abort
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -170,6 +171,37 @@ class SecAggSite:
             self._revealed[peer] = kind
             out[peer] = (kind, self._held[peer][0 if kind == "b" else 1])
         return out
+
+
+def site_to_json(site: SecAggSite) -> str:
+    """A site's protocol state (its secrets included) as JSON, for the node's own state store
+    between stages; it never leaves the site."""
+    def share(x: tuple[int, bytes]) -> list:
+        return [x[0], x[1].hex()]
+
+    return json.dumps({
+        "node": site.node, "peers": site.peers, "threshold": site.threshold, "modulus_bits": site.modulus_bits,
+        "round_id": site.round_id, "c": _private_raw(site._c).hex(), "s": _private_raw(site._s).hex(), "b": site._b.hex(),
+        "keys": {str(p): [c.hex(), k.hex()] for p, (c, k) in site._keys.items()},
+        "held": {str(p): [share(b), share(k)] for p, (b, k) in site._held.items()},
+        "revealed": {str(p): kind for p, kind in site._revealed.items()},
+    })
+
+
+def site_from_json(text: str) -> SecAggSite:
+    d = json.loads(text)
+
+    def share(x: list) -> tuple[int, bytes]:
+        return int(x[0]), bytes.fromhex(x[1])
+
+    return SecAggSite(
+        node=int(d["node"]), peers=[int(p) for p in d["peers"]], threshold=int(d["threshold"]), modulus_bits=int(d["modulus_bits"]),
+        round_id=str(d["round_id"]), _c=X25519PrivateKey.from_private_bytes(bytes.fromhex(d["c"])),
+        _s=X25519PrivateKey.from_private_bytes(bytes.fromhex(d["s"])), _b=bytes.fromhex(d["b"]),
+        _keys={int(p): (bytes.fromhex(c), bytes.fromhex(k)) for p, (c, k) in d["keys"].items()},
+        _held={int(p): (share(b), share(k)) for p, (b, k) in d["held"].items()},
+        _revealed={int(p): str(kind) for p, kind in d["revealed"].items()},
+    )
 
 
 @dataclass

@@ -82,6 +82,17 @@ class ClientLevelDp:
             info["unclipped_fraction_noisy"] = b
         return mean, event, info
 
+    def release_sum(self, round_: int, cohort: str, total: Mapping[str, np.ndarray], delivered: int, selected: int,
+                    accountant: str) -> tuple[dict[str, np.ndarray], ClientDpEvent, dict[str, Any]]:
+        """Under secure aggregation: the unmasked sum already carries the sites' noise shares;
+        divide by the fixed denominator and record the effective noise of the shares delivered."""
+        c, z = self.clip_norms[cohort], self.update_multiplier(cohort)
+        mean = {k: (np.asarray(v, dtype=np.float64) / self.expected_sites(cohort)).astype(np.float32) for k, v in total.items()}
+        z_eff = effective_noise(z, max(1, selected), delivered) if selected else z
+        event = ClientDpEvent(round=round_, cohort=cohort, noise_multiplier=z_eff, sample_rate=self.q, clip_norm=c,
+                              noised_by="sites", accountant=accountant)
+        return mean, event, {"client_clip_norm": c, "client_noise_multiplier": z_eff, "sites_selected": selected}
+
     # ---- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"clip_norms": dict(self.clip_norms)}

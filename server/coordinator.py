@@ -35,12 +35,14 @@ from fedlora.model import ModelSpec, derive_seed, get_runtime
 from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.summary import client_spend, site_spend
 from fedlora.strategies import SiteUpdate, get_strategy
 
 from .checkpoint import Checkpoint
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
+from .secure_round import SecureAggregation
 
 log = logging.getLogger("fedlora.server")
 
@@ -54,6 +56,7 @@ class Cohort:
     active: bool = True  # False once every site of the cohort has spent its privacy budget
     selected: list[int] = field(default_factory=list)  # nodes sampled for the current round
     exhausted: set[str] = field(default_factory=set)  # sites that refused a round: their budget is spent
+    secure: bool = False  # aggregated with secure aggregation (enough sites and enabled)
 
 
 @dataclass
@@ -66,6 +69,7 @@ class RoundReplies:
     unclipped: list[int] = field(default_factory=list)  # client-level DP: 1 if the update was within C
     failed: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    advertised: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # secure aggregation: node -> public keys
 
 
 class Coordinator:
@@ -82,6 +86,7 @@ class Coordinator:
         self.ledger = PrivacyLedger()
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "coordinator"))  # site sampling, client-level noise
         self.client_dp: ClientLevelDp | None = None  # set once the cohorts' sizes are known
+        self.secagg = SecureAggregation(cfg.secure_aggregation, cfg.seed) if cfg.secure_aggregation.enabled else None
 
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
@@ -158,6 +163,8 @@ class Coordinator:
                 nodes = cohort.selected = self._sample(cohort)
                 if self.client_dp is not None:
                     extra = self.client_dp.site_config(cohort.name, len(nodes))
+                if cohort.secure and self.secagg is not None and nodes:
+                    extra = (extra or {}) | self.secagg.site_config(cohort.name, nodes, round_)
             content, nbytes = self._content(cohort, round_, extra)
             for node in nodes:
                 messages.append(Message(content, node, kind, group_id=str(round_)))
@@ -183,9 +190,14 @@ class Coordinator:
                     log.warning("round %d: %s", round_, reply.error.reason)
                 continue
             try:
-                delta, _ = from_record(reply.content["update"], shapes)
-                m = reply.content["metrics"]
-                unclipped = int(m["update_unclipped"]) if self.client_dp is not None else 0
+                if cohort.secure:
+                    keys = reply.content["secagg"]
+                    delta, m, unclipped = None, None, 0
+                    advertised = (bytes(keys["c_pk"]), bytes(keys["s_pk"]))
+                else:
+                    delta, _ = from_record(reply.content["update"], shapes)
+                    m = reply.content["metrics"]
+                    unclipped = int(m["update_unclipped"]) if self.client_dp is not None else 0
                 event = None
                 if self.cfg.privacy.dp:
                     if "privacy_event" not in reply.content:
@@ -200,6 +212,9 @@ class Coordinator:
                 self.ledger.record(event)
                 self.ledger.declare(site, delta=float(status["delta"]), delta_rule=str(status["delta_rule"]),
                                     budget_epsilon=float(status["budget_epsilon"]), unit="one record at one site")
+            if cohort.secure:  # the update stays masked at the site until the whole cohort's sum is unmasked
+                out.advertised[node] = advertised
+                continue
             out.updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
             out.losses.append((float(m["train_loss"]), float(m["num_examples"])))
             out.seconds.append(float(m["train_seconds"]))
@@ -215,7 +230,9 @@ class Coordinator:
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"sites_refused_budget": got.refused, "sites_selected": len(cohort.selected), "sites_trained": len(got.updates),
                           "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds))})
-            if self.client_dp is not None and (got.updates or not cohort.selected):
+            if cohort.secure:
+                self._secure_aggregate(cohort, got, round_, entry)
+            elif self.client_dp is not None and (got.updates or not cohort.selected):
                 # the noised mean is released even when Poisson sampling picked no site (noise only)
                 shapes = {k: v.shape for k, v in cohort.state.items()}
                 mean, event, info = self.client_dp.aggregate(round_, cohort.name, shapes, [u.delta for u in got.updates], got.unclipped,
@@ -238,6 +255,38 @@ class Coordinator:
             # else: no site sampled, or the sampled ones refused while others still have budget
         self.bytes_down += down
         line["bytes_up"], line["bytes_down"] = self.bytes_up - before, down
+
+    def _secure_aggregate(self, cohort: Cohort, got: RoundReplies, round_: int, entry: dict[str, Any]) -> None:
+        """Stages 2-4 of secure aggregation for a cohort whose sites advertised keys; the
+        coordinator sees only the cohort's sum. An abort leaves the adapter as it was."""
+        assert self.secagg is not None
+        entry["sites_trained"] = 0
+        if not got.advertised:
+            if got.failed:
+                raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed ({', '.join(got.failed)}); stopping")
+            return
+        shapes = {k: v.shape for k, v in cohort.state.items()}
+        try:
+            total, survivors = self.secagg.secure_sum(lambda msgs: self._exchange(self._grid, msgs), cohort.name, round_,
+                                                      got.advertised, shapes)
+        except (SecAggAbort, ValueError) as e:
+            log.warning("round %d: secure aggregation of cohort %r aborted: %s", round_, cohort.name, e)
+            entry["secure_aggregation_aborted"] = str(e)
+            return
+        lost = sorted(cohort.nodes[u] for u in set(got.advertised) - set(survivors))
+        entry.update({"sites_trained": total.sites, "sites_failed": got.failed + lost, "values_clipped": total.clipped,
+                      "train_loss": total.mean_loss, "site_train_seconds": None})
+        mean = total.mean_delta
+        if self.client_dp is not None:
+            summed = {k: v * np.float32(total.weight) for k, v in mean.items()}
+            mean, event, info = self.client_dp.release_sum(round_, cohort.name, summed, total.sites, len(cohort.selected),
+                                                           self.cfg.privacy.accountant)
+            self.ledger.record(event)
+            delta, rule = self.client_dp.delta(cohort.name)
+            self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
+                                sites=len(cohort.nodes), sampling=f"poisson, rate {self.client_dp.q:g} per round")
+            entry.update(info)
+        cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="secure-sum", delta=mean, weight=1.0)])
 
     def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         messages, down = self._broadcast("evaluate", round_)
@@ -317,6 +366,12 @@ class Coordinator:
         start = time.perf_counter()
         bytes_before = self.bytes_up
         self._discover(grid)
+        self._grid = grid
+        for cohort in self.cohorts.values():
+            cohort.secure = self.secagg is not None and len(cohort.nodes) >= self.cfg.secure_aggregation.min_sites
+            if self.secagg is not None and not cohort.secure:
+                log.warning("cohort %r has %d site(s), fewer than secure_aggregation.min_sites = %d: its updates are aggregated "
+                            "in the clear", cohort.name, len(cohort.nodes), self.cfg.secure_aggregation.min_sites)
         runtime = get_runtime(self.spec, self.cfg.model.device, self.cfg.model.dtype)
         if self.cfg.privacy.client_dp:
             self.client_dp = ClientLevelDp(self.cfg.privacy, self.cfg.federation.site_sample_rate,
@@ -375,7 +430,8 @@ class Coordinator:
                          "accuracy": last["cohorts"][c.name]["accuracy"], "eval_loss": last["cohorts"][c.name]["eval_loss"],
                          "majority_baseline": last["cohorts"][c.name]["majority_baseline"],
                          "initial_accuracy": initial["cohorts"][c.name]["accuracy"],
-                         "train_loss": last["cohorts"][c.name].get("train_loss"), "adapter": f"adapters/{c.name}"}
+                         "train_loss": last["cohorts"][c.name].get("train_loss"), "adapter": f"adapters/{c.name}",
+                         "secure_aggregation": c.secure}
                 for c in self.cohorts.values()
             },
         }
