@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm C (default 1.0)")
     s.add_argument("--client-dp", action=argparse.BooleanOptionalAction, default=None,
                    help="client-level DP: clip each site's update, add noise to each cohort's sum (default off)")
+    s.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=None,
+                   help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites (default off while it is completed)")
     s.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (with its own config)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")
@@ -92,7 +94,7 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         "model.device": args.device, "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
         "demo.examples_per_site": args.examples_per_site, "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
         "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm, "privacy.client_dp": args.client_dp,
-        "privacy.grad_sample_mode": args.grad_sample_mode,
+        "privacy.grad_sample_mode": args.grad_sample_mode, "secure_aggregation.enabled": args.secure_aggregation,
         "cohorts.*.sites": args.sites, "cohorts.*.text_column": args.text_column, "cohorts.*.label_column": args.label_column,
     }
     if "cohorts" not in data and any(overrides[k] is not None for k in overrides if k.startswith("cohorts.")):
