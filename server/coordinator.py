@@ -33,7 +33,7 @@ from fedlora.config import RunConfig
 from fedlora.errors import BUDGET_EXHAUSTED_CODE, FederationError, FedloraError
 from fedlora.model import ModelSpec, derive_seed, get_runtime
 from fedlora.records import content_bytes, from_record, to_record
-from fedlora.privacy.events import event_from_dict
+from fedlora.privacy.events import ClientDpEvent, event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.summary import client_spend, site_spend
@@ -231,16 +231,13 @@ class Coordinator:
             entry.update({"sites_refused_budget": got.refused, "sites_selected": len(cohort.selected), "sites_trained": len(got.updates),
                           "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds))})
             if cohort.secure:
-                self._secure_aggregate(cohort, got, round_, entry)
+                self._secure_aggregate(grid, cohort, got, round_, entry)
             elif self.client_dp is not None and (got.updates or not cohort.selected):
                 # the noised mean is released even when Poisson sampling picked no site (noise only)
                 shapes = {k: v.shape for k, v in cohort.state.items()}
                 mean, event, info = self.client_dp.aggregate(round_, cohort.name, shapes, [u.delta for u in got.updates], got.unclipped,
                                                              len(cohort.selected), self.rng, self.cfg.privacy.accountant)
-                self.ledger.record(event)
-                delta, rule = self.client_dp.delta(cohort.name)
-                self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
-                                    sites=len(cohort.nodes), sampling=f"poisson, rate {self.client_dp.q:g} per round")
+                self._record_client_event(cohort, event)
                 cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="client-dp-mean", delta=mean, weight=1.0)])
                 entry.update({"train_loss": _weighted(got.losses), **info})
             elif got.updates:
@@ -256,7 +253,15 @@ class Coordinator:
         self.bytes_down += down
         line["bytes_up"], line["bytes_down"] = self.bytes_up - before, down
 
-    def _secure_aggregate(self, cohort: Cohort, got: RoundReplies, round_: int, entry: dict[str, Any]) -> None:
+    def _record_client_event(self, cohort: Cohort, event: ClientDpEvent) -> None:
+        """A cohort's client-level DP release, with the delta and sampling it is accounted under."""
+        assert self.client_dp is not None
+        self.ledger.record(event)
+        delta, rule = self.client_dp.delta(cohort.name)
+        self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
+                            sites=len(cohort.nodes), sampling=f"poisson, rate {self.client_dp.q:g} per round")
+
+    def _secure_aggregate(self, grid: Grid, cohort: Cohort, got: RoundReplies, round_: int, entry: dict[str, Any]) -> None:
         """Stages 2-4 of secure aggregation for a cohort whose sites advertised keys; the
         coordinator sees only the cohort's sum. An abort leaves the adapter as it was."""
         assert self.secagg is not None
@@ -267,7 +272,7 @@ class Coordinator:
             return
         shapes = {k: v.shape for k, v in cohort.state.items()}
         try:
-            total, survivors = self.secagg.secure_sum(lambda msgs: self._exchange(self._grid, msgs), cohort.name, round_,
+            total, survivors = self.secagg.secure_sum(lambda msgs: self._exchange(grid, msgs), cohort.name, round_,
                                                       got.advertised, shapes)
         except (SecAggAbort, ValueError) as e:
             log.warning("round %d: secure aggregation of cohort %r aborted: %s", round_, cohort.name, e)
@@ -281,10 +286,7 @@ class Coordinator:
             summed = {k: v * np.float32(total.weight) for k, v in mean.items()}
             mean, event, info = self.client_dp.release_sum(round_, cohort.name, summed, total.sites, len(cohort.selected),
                                                            self.cfg.privacy.accountant)
-            self.ledger.record(event)
-            delta, rule = self.client_dp.delta(cohort.name)
-            self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
-                                sites=len(cohort.nodes), sampling=f"poisson, rate {self.client_dp.q:g} per round")
+            self._record_client_event(cohort, event)
             entry.update(info)
         cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="secure-sum", delta=mean, weight=1.0)])
 
@@ -366,7 +368,6 @@ class Coordinator:
         start = time.perf_counter()
         bytes_before = self.bytes_up
         self._discover(grid)
-        self._grid = grid
         for cohort in self.cohorts.values():
             cohort.secure = self.secagg is not None and len(cohort.nodes) >= self.cfg.secure_aggregation.min_sites
             if self.secagg is not None and not cohort.secure:
