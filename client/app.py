@@ -13,6 +13,11 @@ Message types and their records:
                   the site's budget is refused (error code 4202, ``BudgetExhausted``).
 * ``evaluate`` <- the same records; -> ``MetricRecord "metrics"``: eval_loss, accuracy,
                   num_examples, label_counts, eval_seconds.
+* secure aggregation (a ``ConfigRecord "secagg"`` beside the config: round id, the site's
+  neighbours, threshold, modulus, quantiser): ``train`` and ``evaluate`` reply with
+  ``ConfigRecord "secagg"`` (two public keys) instead of the update or the metrics, which stay
+  at the site, masked, until ``<kind>.secagg_share`` / ``_masked`` / ``_unmask`` (stages 2-4,
+  ``fedlora.client.secagg_site``); the privacy event still travels with the keys.
 
 A problem at the site (bad data, wrong cohort, non-finite update) becomes an error reply
 whose reason names it; the coordinator logs it and aggregates without that site.
@@ -125,8 +130,10 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         client_dp = bool(cfg.get("privacy.client_dp", False))
         if client_dp:
             delta, extra["update_unclipped"] = client_level_update(delta, cfg, site=site.name)
-        if bool(cfg.get("secagg.enabled", False)):  # the update stays here, masked, until stage 3
-            content = secagg_site.begin(ctx, cfg, delta, result.num_examples, result.train_loss, weight=1.0 if client_dp else None)
+        if "secagg" in msg.content:  # the update stays here, masked, until stage 3
+            vector = secagg_site.train_vector(msg.content["secagg"], delta, result.num_examples, result.train_loss, weight=1.0 if client_dp else None,
+                                              unclipped=int(extra.get("update_unclipped", 0)))
+            content = secagg_site.begin(ctx, msg.content["secagg"], vector)
         else:
             update, _ = to_record(delta, str(cfg["wire_dtype"]))
             metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss,
@@ -139,6 +146,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
     def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         runtime, cfg, data, state = prepare(msg, site)
         res = evaluate_local(runtime, state, data.eval, seed=int(cfg["seed"]), cohort=site.cohort, num_labels=len(data.labels))
+        if "secagg" in msg.content:  # the metrics stay here, masked, until stage 3
+            return secagg_site.begin(ctx, msg.content["secagg"], secagg_site.metrics_vector(res.loss, res.accuracy, res.num_examples, list(res.label_counts)))
         return RecordDict({"metrics": MetricRecord({"eval_loss": res.loss, "accuracy": res.accuracy,
                                                     "num_examples": res.num_examples, "label_counts": res.label_counts,
                                                     "eval_seconds": res.seconds})})
@@ -147,7 +156,9 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
     app.train()(guarded(train))
     app.evaluate()(guarded(evaluate))
     for stage in (secagg_site.share, secagg_site.masked, secagg_site.unmask):
-        app.train(f"secagg_{stage.__name__}")(guarded(lambda msg, ctx, site, stage=stage: stage(ctx, msg.content)))
+        handler = guarded(lambda msg, ctx, site, stage=stage: stage(ctx, msg.content))
+        app.train(f"secagg_{stage.__name__}")(handler)
+        app.evaluate(f"secagg_{stage.__name__}")(handler)
     return app
 
 

@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--client-dp", action=argparse.BooleanOptionalAction, default=None,
                    help="client-level DP: clip each site's update, add noise to each cohort's sum (default off)")
     s.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=None,
-                   help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites (default off while it is completed)")
+                   help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites (default on; --no-secure-aggregation "
+                        "aggregates every cohort in the clear)")
     s.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (with its own config)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")

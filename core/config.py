@@ -127,6 +127,11 @@ class TrainConfig:
         _require(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
 
 
+# strategy -> whether it is linear in the updates (needs only their weighted sum; see
+# fedlora.strategies.Strategy.linear): only linear ones compose with secure aggregation
+STRATEGIES = {"fedavg": True, "median": False}
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """How the federation runs: engine, aggregation strategy, adapter wire dtype."""
@@ -139,7 +144,7 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _one_of("federation.engine", self.engine, ("inprocess", "ray"))
-        _one_of("federation.strategy", self.strategy, ("fedavg",))
+        _one_of("federation.strategy", self.strategy, tuple(STRATEGIES))
         _one_of("federation.wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
         _require(isinstance(self.ray_cpus_per_site, (int, float)) and self.ray_cpus_per_site > 0,
                  "federation.ray_cpus_per_site", self.ray_cpus_per_site, "must be > 0")
@@ -221,11 +226,14 @@ class RunConfig:
         _require(len(self.cohorts) > 0, "cohorts", [], "at least one cohort is needed")
         names = [c.name for c in self.cohorts]
         _require(len(set(names)) == len(names), "cohorts", names, "cohort names must be unique")
-        if self.secure_aggregation.enabled and self.privacy.client_dp:
-            _require(self.privacy.client_noise == "sites", "privacy.client_noise", self.privacy.client_noise,
-                     "must be \"sites\" with secure aggregation: the coordinator never holds an un-noised sum")
-            _require(not self.privacy.adaptive_clip, "privacy.adaptive_clip", True,
-                     "is not supported with secure aggregation yet (its clipped count would travel in the clear)")
+        if self.secure_aggregation.enabled:
+            _require(STRATEGIES[self.federation.strategy], "federation.strategy", self.federation.strategy,
+                     "needs every site's update individually, which secure aggregation never reveals; use a linear strategy "
+                     "(fedavg) or set secure_aggregation.enabled = false")
+        if self.secure_aggregation.enabled and self.privacy.adaptive_clip:
+            _require(self.privacy.client_noise == "coordinator", "privacy.adaptive_clip", True,
+                     "with secure aggregation needs privacy.client_noise = \"coordinator\" (the coordinator noises the "
+                     "securely summed count of unclipped updates)")
 
     @property
     def total_sites(self) -> int:

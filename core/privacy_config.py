@@ -81,18 +81,23 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class SecureAggregationConfig:
     """Secure aggregation (SecAgg+; ``fedlora.privacy.secagg``): the coordinator sees only each
-    cohort's sum. Each site sends ``w (update, 1, train loss)`` with ``w = min(1, n / weight_scale)``
-    for its n training examples, quantised to ``bits`` bits in ``[-clip_range, clip_range]``;
-    the coordinator divides the unmasked sums. ``neighbours`` / ``threshold`` 0 choose
-    automatically (see ``fedlora.server.secure_round``)."""
+    cohort's sum. Each site sends ``w (update, 1, train loss / 64)`` with ``w = min(1, n /
+    weight_scale)`` for its n training examples, quantised to ``bits`` bits in ``[-clip_range,
+    clip_range]``; the coordinator divides the unmasked sums. Eval metrics are summed exactly
+    as integers (``metrics = "secure"``), sent per site (``"clear"``) or not asked for
+    (``"none"``). A stage whose replies have not all come within ``stage_timeout`` seconds goes
+    on without the late sites (dropped); below the threshold the round aborts.
+    ``neighbours`` / ``threshold`` 0 choose automatically (see ``fedlora.server.secure_round``)."""
 
-    enabled: bool = False
+    enabled: bool = True
     neighbours: int = 0  # k; 0: everyone up to 8 sites, else the even number >= 2 log2(n)
     threshold: int = 0  # t; 0: ceil(2 (k + 1) / 3)
     clip_range: float = 1.0
     bits: int = 20
     weight_scale: float = 1000.0
     min_sites: int = 3  # smaller cohorts aggregate in the clear, and the run says so
+    metrics: str = "secure"  # secure | clear | none: how the sites' eval metrics reach the coordinator
+    stage_timeout: float = 300.0  # seconds a protocol stage waits for the sites' replies
 
     def __post_init__(self) -> None:
         require(isinstance(self.enabled, bool), "secure_aggregation.enabled", self.enabled, "must be true or false")
@@ -100,6 +105,7 @@ class SecureAggregationConfig:
             v = getattr(self, key)
             require(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"secure_aggregation.{key}", v,
                     f"must be an integer in [{lo}, {hi}]")
-        for key in ("clip_range", "weight_scale"):
+        for key in ("clip_range", "weight_scale", "stage_timeout"):
             v = getattr(self, key)
             require(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"secure_aggregation.{key}", v, "must be > 0")
+        one_of("secure_aggregation.metrics", self.metrics, ("secure", "clear", "none"))

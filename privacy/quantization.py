@@ -21,6 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def wire_dtype(modulus_bits: int) -> np.dtype:
+    """The smallest unsigned integer type that holds ``modulus_bits`` bits."""
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if modulus_bits <= np.dtype(dt).itemsize * 8:
+            return np.dtype(dt)
+    raise ValueError(f"no unsigned type holds {modulus_bits} bits")
+
+
 @dataclass(frozen=True)
 class Quantizer:
     clip_range: float  # r: values are clipped to [-r, r]
@@ -42,10 +50,7 @@ class Quantizer:
     @property
     def wire_dtype(self) -> np.dtype:
         """The smallest unsigned integer type that holds ``modulus_bits`` bits."""
-        for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
-            if self.modulus_bits <= np.dtype(dt).itemsize * 8:
-                return np.dtype(dt)
-        raise AssertionError("unreachable")
+        return wire_dtype(self.modulus_bits)
 
     def max_sites(self) -> int:
         """The most sites whose quantised values can be summed without wrapping modulo 2^m."""
@@ -62,12 +67,20 @@ class Quantizer:
 
     def quantize(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         """(integers in [0, 2^b - 1] as the wire dtype, how many values were clipped)."""
-        x = np.asarray(values, dtype=np.float64)
+        x = np.array(values, dtype=np.float64)  # a copy, worked on in place
+        return self.quantize_inplace(x)
+
+    def quantize_inplace(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """``quantize`` on a float64 array it may overwrite (saves the copies on large updates)."""
         if not np.all(np.isfinite(x)):
             raise ValueError("cannot quantise NaN or Inf")
-        clipped = int(np.count_nonzero(np.abs(x) > self.clip_range))
-        q = np.rint((np.clip(x, -self.clip_range, self.clip_range) + self.clip_range) / self.step)
-        return q.astype(self.wire_dtype), clipped
+        r = self.clip_range
+        clipped = int(np.count_nonzero(x > r)) + int(np.count_nonzero(x < -r))
+        np.clip(x, -r, r, out=x)
+        x += r
+        x /= self.step
+        np.rint(x, out=x)
+        return x.astype(self.wire_dtype), clipped
 
     def dequantize_sum(self, total: np.ndarray, sites: int) -> np.ndarray:
         """The float sum of ``sites`` values from the unmasked sum of their quantised values."""

@@ -112,8 +112,9 @@ class SecAggSite:
     def share_keys(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
         """Encrypted share pairs, one per neighbour whose keys arrived (others have dropped)."""
         self._keys = {p: tuple(public_keys[p]) for p in self.peers if p in public_keys}  # type: ignore[misc]
-        if len(self._keys) < self.threshold:
-            raise SecAggAbort(f"site {self.node}: only {len(self._keys)} neighbours advertised keys, threshold {self.threshold}")
+        if len(self._keys) + 1 < self.threshold:  # its own share counts towards its self mask's t
+            raise SecAggAbort(f"site {self.node}: only {len(self._keys)} neighbours advertised keys; with its own share that is "
+                              f"fewer than the threshold {self.threshold}")
         live = sorted(self._keys)
         b_shares = shamir.split(self._b, self.threshold, len(live) + 1)
         s_shares = shamir.split(_private_raw(self._s), self.threshold, len(live) + 1)
@@ -142,12 +143,13 @@ class SecAggSite:
     def masked_input(self, values: np.ndarray) -> np.ndarray:
         """``y_i`` over the neighbours that sent shares (they completed stage 2)."""
         m = self.modulus_bits
-        y = masking.add(np.asarray(values, dtype=np.uint64), masking.mask(self._b, len(values), m), m)
+        y = np.array(values, dtype=masking.word(m))  # arithmetic modulo the word's 2^32 / 2^64, reduced once at the end
+        masks = masking.MaskStream(len(y), m)
+        masks.add(y, self._b)
         for peer in sorted(p for p in self._held if p != self.node):
             seed = pairwise_seed(self._s, self._keys[peer][1], self.round_id)
-            pm = masking.mask(seed, len(values), m)
-            y = masking.add(y, pm, m) if peer > self.node else masking.sub(y, pm, m)
-        return y
+            (masks.add if peer > self.node else masks.sub)(y, seed)
+        return masking.reduce(y, m)
 
     # stage 4
     def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, tuple[str, tuple[int, bytes]]]:
@@ -246,14 +248,15 @@ class SecAggCoordinator:
             for peer, (kind, share) in per_peer.items():
                 shares.setdefault((peer, kind), []).append(share)
         d = len(next(iter(masked.values())))
-        total = np.zeros(d, dtype=np.uint64)
+        total = np.zeros(d, dtype=masking.word(m))  # modulo the word's 2^32 / 2^64, reduced once at the end
+        masks = masking.MaskStream(d, m)
         for u in survivors:
-            total = masking.add(total, masked[u], m)
+            total += masked[u]
         for u in survivors:
             got = shares.get((u, "b"), [])
             if len(got) < self.threshold:
                 raise SecAggAbort(f"only {len(got)} shares of site {u}'s self mask, threshold {self.threshold}")
-            total = masking.sub(total, masking.mask(shamir.combine(got, self.threshold), d, m), m)
+            masks.sub(total, shamir.combine(got, self.threshold))
         for u in dropped:
             got = shares.get((u, "sk"), [])
             if len(got) < self.threshold:
@@ -261,6 +264,6 @@ class SecAggCoordinator:
             s_u = X25519PrivateKey.from_private_bytes(shamir.combine(got, self.threshold))
             for v in self.graph[u]:
                 if v in survivors:  # v added +PRG(s_uv) if u > v, else -PRG(s_uv): undo it
-                    pm = masking.mask(pairwise_seed(s_u, self.public_keys[v][1], self.round_id), d, m)
-                    total = masking.sub(total, pm, m) if u > v else masking.add(total, pm, m)
-        return total
+                    seed = pairwise_seed(s_u, self.public_keys[v][1], self.round_id)
+                    (masks.sub if u > v else masks.add)(total, seed)
+        return masking.reduce(total, m)

@@ -77,21 +77,36 @@ class ClientLevelDp:
                               noised_by="coordinator" if self.cfg.client_noise == "coordinator" else "sites", accountant=accountant)
         info: dict[str, Any] = {"client_clip_norm": c, "client_noise_multiplier": total_z, "sites_selected": selected}
         if self.cfg.adaptive_clip:
-            b = noisy_count(unclipped, self.count_noise(cohort), denom, rng)
-            self.clip_norms[cohort] = next_clip_norm(c, b, float(self.cfg.adaptive_target_quantile), float(self.cfg.adaptive_clip_lr))
-            info["unclipped_fraction_noisy"] = b
+            self._adapt(cohort, unclipped, rng, info)
         return mean, event, info
 
     def release_sum(self, round_: int, cohort: str, total: Mapping[str, np.ndarray], delivered: int, selected: int,
-                    accountant: str) -> tuple[dict[str, np.ndarray], ClientDpEvent, dict[str, Any]]:
-        """Under secure aggregation: the unmasked sum already carries the sites' noise shares;
-        divide by the fixed denominator and record the effective noise of the shares delivered."""
+                    unclipped: int, rng: np.random.Generator, accountant: str) -> tuple[dict[str, np.ndarray], ClientDpEvent, dict[str, Any]]:
+        """Under secure aggregation the coordinator holds only the unmasked sum of the clipped
+        updates (it cannot clip them again; each site clipped its own). Site noise: the sum
+        already carries the shares, and ``s`` of ``m`` delivered gives ``z sqrt(s / m)``.
+        Coordinator noise: one draw of ``N(0, (z C)^2)`` is added to the sum here, and the
+        securely summed count of unclipped updates drives adaptive clipping. Either way the
+        result is divided by the fixed denominator ``q n``."""
         c, z = self.clip_norms[cohort], self.update_multiplier(cohort)
-        mean = {k: (np.asarray(v, dtype=np.float64) / self.expected_sites(cohort)).astype(np.float32) for k, v in total.items()}
-        z_eff = effective_noise(z, max(1, selected), delivered) if selected else z
-        event = ClientDpEvent(round=round_, cohort=cohort, noise_multiplier=z_eff, sample_rate=self.q, clip_norm=c,
-                              noised_by="sites", accountant=accountant)
-        return mean, event, {"client_clip_norm": c, "client_noise_multiplier": z_eff, "sites_selected": selected}
+        central = self.cfg.client_noise == "coordinator"
+        mean = noisy_mean([total], {k: np.shape(v) for k, v in total.items()}, z * c if central else 0.0, self.expected_sites(cohort),
+                          rng if central else None)
+        z_eff = z if central or not selected else effective_noise(z, max(1, selected), delivered)
+        total_z = float(self.cfg.client_noise_multiplier) if z_eff == z else combined_noise_multiplier(z_eff, self.count_noise(cohort))
+        event = ClientDpEvent(round=round_, cohort=cohort, noise_multiplier=total_z, sample_rate=self.q, clip_norm=c,
+                              noised_by=self.cfg.client_noise, accountant=accountant)
+        info: dict[str, Any] = {"client_clip_norm": c, "client_noise_multiplier": total_z, "sites_selected": selected}
+        if self.cfg.adaptive_clip:
+            self._adapt(cohort, [unclipped], rng, info)
+        return mean, event, info
+
+    def _adapt(self, cohort: str, unclipped: Sequence[int], rng: np.random.Generator, info: dict[str, Any]) -> None:
+        """Adaptive clipping: release the noised fraction of unclipped updates, move C."""
+        c = self.clip_norms[cohort]
+        b = noisy_count(unclipped, self.count_noise(cohort), self.expected_sites(cohort), rng)
+        self.clip_norms[cohort] = next_clip_norm(c, b, float(self.cfg.adaptive_target_quantile), float(self.cfg.adaptive_clip_lr))
+        info["unclipped_fraction_noisy"] = b
 
     # ---- checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import ClientDpEvent, event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
+from fedlora.privacy.secagg_vector import read_eval_sum, read_sum
 from fedlora.privacy.summary import client_spend, site_spend
 from fedlora.strategies import SiteUpdate, get_strategy
 
@@ -89,9 +90,11 @@ class Coordinator:
         self.secagg = SecureAggregation(cfg.secure_aggregation, cfg.seed) if cfg.secure_aggregation.enabled else None
 
     # ---- messaging -------------------------------------------------------------------
-    def _exchange(self, grid: Grid, messages: list[Message]) -> dict[int, Message]:
-        """Send, wait for the replies, and count every reply's content bytes as uploaded."""
-        replies = grid.send_and_receive(messages, timeout=self.round_timeout)
+    def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None = None) -> dict[int, Message]:
+        """Send, wait for the replies (at most ``timeout`` seconds, default the round timeout),
+        and count every message's content bytes as downloaded and every reply's as uploaded."""
+        self.bytes_down += sum(content_bytes(m.content) for m in messages)
+        replies = grid.send_and_receive(messages, timeout=self.round_timeout if timeout is None else timeout)
         out = {r.metadata.src_node_id: r for r in replies}
         self.bytes_up += sum(content_bytes(r.content) for r in out.values() if not r.has_error())
         for m in messages:
@@ -126,7 +129,7 @@ class Coordinator:
         if empty:
             raise FederationError(f"no site joined cohort(s) {', '.join(empty)}")
 
-    def _content(self, cohort: Cohort, round_: int, extra: dict[str, Any] | None = None) -> tuple[RecordDict, int]:
+    def _content(self, cohort: Cohort, round_: int, extra: dict[str, Any] | None = None) -> RecordDict:
         t = self.cfg.train
         cfg: dict[str, Any] = {
             "round": round_, "cohort": cohort.name, "labels": list(cohort.labels), "seed": self.cfg.seed,
@@ -141,8 +144,7 @@ class Coordinator:
             **(extra or {}),
         }
         record, _ = to_record(cohort.state, self.cfg.federation.wire_dtype)
-        content = RecordDict({"adapter": record, "config": ConfigRecord(cfg)})
-        return content, content_bytes(content)
+        return RecordDict({"adapter": record, "config": ConfigRecord(cfg)})
 
     def _sample(self, cohort: Cohort) -> list[int]:
         """Poisson sampling of a cohort's sites: each independently with ``federation.site_sample_rate``."""
@@ -153,23 +155,34 @@ class Coordinator:
         keep = self.rng.random(len(nodes)) < q
         return [n for n, k in zip(nodes, keep) if k]
 
-    def _broadcast(self, kind: str, round_: int) -> tuple[list[Message], int]:
-        """One message per site; ``train`` goes only to the sampled sites of cohorts still training."""
-        messages, down = [], 0
+    def _secure_metrics(self, cohort: Cohort) -> bool:
+        """Whether this cohort's eval metrics are summed securely (else sent in the clear, or,
+        with ``secure_aggregation.metrics = "none"``, not asked for)."""
+        return cohort.secure and self.cfg.secure_aggregation.metrics == "secure"
+
+    def _broadcast(self, kind: str, round_: int) -> list[Message]:
+        """One message per site; ``train`` goes only to the sampled sites of cohorts still training;
+        ``evaluate`` skips secure cohorts whose metrics are not to be sent."""
+        messages = []
         for cohort in (c for c in self.cohorts.values() if c.active or kind != "train"):
             nodes = list(cohort.nodes)
-            extra = None
+            extra, secure = None, None
             if kind == "train":
                 nodes = cohort.selected = self._sample(cohort)
                 if self.client_dp is not None:
                     extra = self.client_dp.site_config(cohort.name, len(nodes))
                 if cohort.secure and self.secagg is not None and nodes:
-                    extra = (extra or {}) | self.secagg.site_config(cohort.name, nodes, round_)
-            content, nbytes = self._content(cohort, round_, extra)
-            for node in nodes:
-                messages.append(Message(content, node, kind, group_id=str(round_)))
-                down += nbytes
-        return messages, down
+                    secure = self.secagg.site_config(cohort.name, nodes, round_)
+            elif cohort.secure and self.cfg.secure_aggregation.metrics == "none":
+                continue
+            elif self._secure_metrics(cohort):
+                assert self.secagg is not None
+                secure = self.secagg.site_config(cohort.name, nodes, round_, "evaluate")
+            content = self._content(cohort, round_, extra)
+            for node in nodes:  # a site's own secure-aggregation setup beside the shared records
+                own = content if secure is None else RecordDict({**content, "secagg": ConfigRecord(secure[node])})
+                messages.append(Message(own, node, kind, group_id=str(round_)))
+        return messages
 
     # ---- one round -------------------------------------------------------------------
     def _collect(self, cohort: Cohort, replies: dict[int, Message], round_: int) -> RoundReplies:
@@ -222,9 +235,8 @@ class Coordinator:
         return out
 
     def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
-        messages, down = self._broadcast("train", round_)
-        before = self.bytes_up
-        replies = self._exchange(grid, messages)
+        before = self.bytes_up, self.bytes_down
+        replies = self._exchange(grid, self._broadcast("train", round_))
         for cohort in (c for c in self.cohorts.values() if c.active):
             got = self._collect(cohort, replies, round_)
             entry = line["cohorts"].setdefault(cohort.name, {})
@@ -250,8 +262,7 @@ class Coordinator:
                 log.warning("round %d: every site of cohort %r has spent its privacy budget; the cohort stops training", round_, cohort.name)
                 cohort.active = False
             # else: no site sampled, or the sampled ones refused while others still have budget
-        self.bytes_down += down
-        line["bytes_up"], line["bytes_down"] = self.bytes_up - before, down
+        line["bytes_up"], line["bytes_down"] = self.bytes_up - before[0], self.bytes_down - before[1]
 
     def _record_client_event(self, cohort: Cohort, event: ClientDpEvent) -> None:
         """A cohort's client-level DP release, with the delta and sampling it is accounted under."""
@@ -270,31 +281,65 @@ class Coordinator:
             if got.failed:
                 raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed ({', '.join(got.failed)}); stopping")
             return
-        shapes = {k: v.shape for k, v in cohort.state.items()}
         try:
-            total, survivors = self.secagg.secure_sum(lambda msgs: self._exchange(grid, msgs), cohort.name, round_,
-                                                      got.advertised, shapes)
+            total, survivors, q = self.secagg.secure_sum(self._stage_exchange(grid), cohort.name, round_, got.advertised)
+            agg = read_sum(total, {k: v.shape for k, v in cohort.state.items()}, q)
         except (SecAggAbort, ValueError) as e:
             log.warning("round %d: secure aggregation of cohort %r aborted: %s", round_, cohort.name, e)
             entry["secure_aggregation_aborted"] = str(e)
             return
         lost = sorted(cohort.nodes[u] for u in set(got.advertised) - set(survivors))
-        entry.update({"sites_trained": total.sites, "sites_failed": got.failed + lost, "values_clipped": total.clipped,
-                      "train_loss": total.mean_loss, "site_train_seconds": None})
-        mean = total.mean_delta
+        entry.update({"sites_trained": agg.sites, "sites_failed": got.failed + lost, "values_clipped": agg.clipped,
+                      "train_loss": agg.mean_loss, "site_train_seconds": None})
+        mean = agg.mean_delta
         if self.client_dp is not None:
-            summed = {k: v * np.float32(total.weight) for k, v in mean.items()}
-            mean, event, info = self.client_dp.release_sum(round_, cohort.name, summed, total.sites, len(cohort.selected),
-                                                           self.cfg.privacy.accountant)
+            summed = {k: v * np.float32(agg.weight) for k, v in mean.items()}
+            mean, event, info = self.client_dp.release_sum(round_, cohort.name, summed, agg.sites, len(cohort.selected), agg.unclipped,
+                                                           self.rng, self.cfg.privacy.accountant)
             self._record_client_event(cohort, event)
             entry.update(info)
         cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="secure-sum", delta=mean, weight=1.0)])
 
+    def _stage_exchange(self, grid: Grid):
+        """How a secure-aggregation stage talks to the sites: the stage timeout bounds each wait."""
+        return lambda msgs: self._exchange(grid, msgs, timeout=self.cfg.secure_aggregation.stage_timeout)
+
+    def _secure_metrics_sum(self, grid: Grid, cohort: Cohort, replies: dict[int, Message], round_: int) -> dict[str, Any]:
+        """A secure cohort's eval metrics: summed over its sites with secure aggregation; per
+        site, the coordinator sees only public keys and masked integers."""
+        assert self.secagg is not None
+        advertised = {}
+        for node in cohort.nodes:
+            reply = replies.get(node)
+            if reply is None or reply.has_error():
+                if reply is not None:
+                    log.warning("round %d evaluate: %s", round_, reply.error.reason)
+                continue
+            keys = reply.content["secagg"]
+            advertised[node] = (bytes(keys["c_pk"]), bytes(keys["s_pk"]))
+        empty = {"eval_loss": None, "accuracy": None, "eval_examples": 0, "site_eval_seconds": None, "majority_baseline": None}
+        try:
+            if not advertised:
+                raise SecAggAbort("no site sent its keys")
+            total, survivors, _ = self.secagg.secure_sum(self._stage_exchange(grid), cohort.name, round_, advertised, "evaluate")
+        except (SecAggAbort, ValueError) as e:
+            log.warning("round %d: secure aggregation of cohort %r's eval metrics aborted: %s", round_, cohort.name, e)
+            return empty | {"secure_aggregation_eval_aborted": str(e)}
+        m = read_eval_sum(total, len(survivors))
+        return {"eval_loss": m.eval_loss, "accuracy": m.accuracy, "eval_examples": m.examples, "site_eval_seconds": None,
+                "eval_sites": m.sites, "majority_baseline": float(m.label_counts.max() / m.examples) if m.examples else None}
+
     def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
-        messages, down = self._broadcast("evaluate", round_)
-        before = self.bytes_up
-        replies = self._exchange(grid, messages)
+        before = self.bytes_up, self.bytes_down
+        replies = self._exchange(grid, self._broadcast("evaluate", round_))
         for cohort in self.cohorts.values():
+            entry = line["cohorts"].setdefault(cohort.name, {})
+            if cohort.secure and self.cfg.secure_aggregation.metrics == "none":
+                entry.update({"eval_loss": None, "accuracy": None, "eval_examples": None, "site_eval_seconds": None, "majority_baseline": None})
+                continue
+            if self._secure_metrics(cohort):
+                entry.update(self._secure_metrics_sum(grid, cohort, replies, round_))
+                continue
             losses, accs, seconds, counts = [], [], [], np.zeros(len(cohort.labels), dtype=np.int64)
             for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):  # a fixed order: same float sums on every engine
                 reply = replies.get(node)
@@ -308,13 +353,11 @@ class Coordinator:
                 accs.append((float(m["accuracy"]), n))
                 seconds.append(float(m["eval_seconds"]))
                 counts += np.asarray(list(m["label_counts"]), dtype=np.int64)
-            entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"eval_loss": _weighted(losses), "accuracy": _weighted(accs), "eval_examples": int(counts.sum()),
                           "site_eval_seconds": float(np.sum(seconds)),
                           "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None})
-        self.bytes_down += down
-        line["bytes_up"] += self.bytes_up - before
-        line["bytes_down"] += down
+        line["bytes_up"] += self.bytes_up - before[0]
+        line["bytes_down"] += self.bytes_down - before[1]
 
     # ---- the run ---------------------------------------------------------------------
     def _privacy_summary(self) -> dict[str, Any]:
@@ -388,7 +431,7 @@ class Coordinator:
             self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
             done, last = 0, {}
             # round 0 carries the sites' identification replies and the evaluation of the initial adapter
-            initial = {"round": 0, "cohorts": {}, "bytes_up": self.bytes_up, "bytes_down": 0}
+            initial = {"round": 0, "cohorts": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
             self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
             self.run_dir.append_metrics(initial)
         bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)

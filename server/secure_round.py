@@ -1,11 +1,13 @@
 """The coordinator's side of secure aggregation: drive SecAgg+ stages 2-4 as Message rounds.
 
-Stage 1 rides on the ``train`` messages (``site_config`` adds the round's graph and
-parameters; each site answers with its public keys instead of its update). ``secure_sum``
-then relays keys (``train.secagg_share``), ciphertexts (``train.secagg_masked``) and the
-unmask request (``train.secagg_unmask``) and returns the cohort's unmasked, de-quantised sum.
-Sites that fail or do not answer in a stage count as dropped; below the threshold the round
-aborts (``SecAggAbort``) and the cohort's adapter stays as it was.
+Stage 1 rides on the ``train`` (or ``evaluate``) messages: ``site_config`` adds the round's
+graph and parameters; each site answers with its public keys instead of its update (or its
+metrics). ``secure_sum`` then relays keys (``<kind>.secagg_share``), ciphertexts
+(``<kind>.secagg_masked``) and the unmask request (``<kind>.secagg_unmask``) and returns the
+cohort's unmasked sum (``train``: de-quantised; ``evaluate``: exact integer metrics). Sites
+that fail or do not answer within the stage timeout count as dropped; below the threshold
+the round aborts (``SecAggAbort``) and nothing is revealed: the cohort's adapter stays as it
+was (or its metrics stay unknown).
 
 Parameters: k neighbours (0: all others up to 8 sites, else the smallest even number >=
 2 log2 n), threshold t (0: ceil(2 (k + 1) / 3), at least 2), modulus bits
@@ -14,7 +16,6 @@ Parameters: k neighbours (0: all others up to 8 sites, else the smallest even nu
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -25,9 +26,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedlora.config import SecureAggregationConfig
 from fedlora.model import derive_seed
-from fedlora.privacy.quantization import Quantizer
+from fedlora.privacy.quantization import Quantizer, wire_dtype
 from fedlora.privacy.secagg import SecAggCoordinator, neighbours
-from fedlora.privacy.secagg_vector import AggregateSum, read_sum
+from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
 
 Exchange = Callable[[list[Message]], dict[int, Message]]
 
@@ -51,43 +52,51 @@ def plan(cfg: SecureAggregationConfig, n: int) -> tuple[int, int, Quantizer]:
 class SecureAggregation:
     def __init__(self, cfg: SecureAggregationConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
-        self._rounds: dict[str, tuple[SecAggCoordinator, Quantizer]] = {}
+        self._rounds: dict[str, tuple[SecAggCoordinator, Quantizer | None]] = {}
 
-    def site_config(self, cohort: str, nodes: list[int], round_: int) -> dict[str, Any]:
+    @staticmethod
+    def round_id(cohort: str, round_: int, kind: str) -> str:
+        return f"{cohort}/{round_}" if kind == "train" else f"{cohort}/{round_}/{kind}"
+
+    def site_config(self, cohort: str, nodes: list[int], round_: int, kind: str = "train") -> dict[int, dict[str, Any]]:
+        """Per site, what it needs for one protocol instance (record ``secagg`` of its message):
+        round id, its own neighbours, threshold, modulus (and for ``train`` the quantiser).
+        ``evaluate`` sums exact integers modulo 2^64."""
         k, t, q = plan(self.cfg, len(nodes))
-        round_id = f"{cohort}/{round_}"
+        round_id = self.round_id(cohort, round_, kind)
         graph = neighbours(nodes, k, random.Random(derive_seed(self.seed, "secagg-graph", round_id)))
-        self._rounds[round_id] = (SecAggCoordinator(graph, t, q.modulus_bits, round_id), q)
-        return {"secagg.enabled": True, "secagg.round_id": round_id, "secagg.graph": json.dumps({str(u): v for u, v in graph.items()}),
-                "secagg.threshold": t, "secagg.bits": q.bits, "secagg.modulus_bits": q.modulus_bits,
-                "secagg.clip_range": float(q.clip_range), "secagg.weight_scale": float(self.cfg.weight_scale)}
+        bits = q.modulus_bits if kind == "train" else EVAL_MODULUS_BITS
+        self._rounds[round_id] = (SecAggCoordinator(graph, t, bits, round_id), q if kind == "train" else None)
+        shared: dict[str, Any] = {"round_id": round_id, "threshold": t, "modulus_bits": bits}
+        if kind == "train":
+            shared |= {"bits": q.bits, "clip_range": float(q.clip_range), "weight_scale": float(self.cfg.weight_scale)}
+        return {u: shared | {"neighbours": list(graph[u])} for u in nodes}
 
     def secure_sum(self, exchange: Exchange, cohort: str, round_: int, advertised: Mapping[int, tuple[bytes, bytes]],
-                   shapes: Mapping[str, tuple[int, ...]]) -> tuple[AggregateSum, list[int]]:
-        """Stages 2-4 over the sites that advertised keys; returns the sum and the survivors."""
-        round_id = f"{cohort}/{round_}"
+                   kind: str = "train") -> tuple[np.ndarray, list[int], Quantizer | None]:
+        """Stages 2-4 over the sites that advertised keys: the unmasked sum (integers modulo
+        2^m), the survivors, and the quantiser to read a ``train`` sum with. Keys, ciphertexts
+        and shares travel as lists of raw bytes in the record ``secagg``."""
+        round_id = self.round_id(cohort, round_, kind)
         coord, q = self._rounds.pop(round_id)
 
-        def stage(kind: str, payloads: Mapping[int, dict[str, Any]]) -> dict[int, Message]:
-            msgs = [Message(RecordDict({"secagg": ConfigRecord({"round_id": round_id, **p})}), node, f"train.{kind}", group_id=str(round_))
+        def stage(name: str, payloads: Mapping[int, dict[str, Any]]) -> dict[int, ConfigRecord]:
+            msgs = [Message(RecordDict({"secagg": ConfigRecord({"round_id": round_id, **p})}), node, f"{kind}.{name}", group_id=str(round_))
                     for node, p in payloads.items()]
-            return {n: r for n, r in exchange(msgs).items() if not r.has_error()}
+            return {n: r.content for n, r in exchange(msgs).items() if not r.has_error()}
 
         relayed = coord.relay_keys(dict(advertised))
-        got = stage("secagg_share", {u: {"keys": json.dumps({str(p): [c.hex(), s.hex()] for p, (c, s) in ks.items()})}
+        got = stage("secagg_share", {u: {"peers": list(ks), "c_pk": [c for c, _ in ks.values()], "s_pk": [s for _, s in ks.values()]}
                                      for u, ks in relayed.items()})
-        sent = {u: {int(p): bytes.fromhex(b) for p, b in json.loads(str(r.content["secagg"]["ciphertexts"])).items()} for u, r in got.items()}
+        sent = {u: dict(zip(map(int, r["secagg"]["peers"]), map(bytes, r["secagg"]["ciphertexts"]), strict=True)) for u, r in got.items()}
         inbox = coord.relay_shares(sent)
-        wire = q.wire_dtype.name
-        got = stage("secagg_masked", {u: {"ciphertexts": json.dumps({str(p): b.hex() for p, b in box.items()}), "wire_dtype": wire}
+        wire = wire_dtype(coord.modulus_bits).name
+        got = stage("secagg_masked", {u: {"peers": list(box), "ciphertexts": list(box.values()), "wire_dtype": wire}
                                       for u, box in inbox.items()})
-        masked = {u: np.frombuffer(r.content["masked"]["y"].data, dtype=np.dtype(wire).newbyteorder("<")).astype(np.uint64)
-                  for u, r in got.items()}
+        masked = {u: np.frombuffer(r["masked"]["y"].data, dtype=np.dtype(wire).newbyteorder("<")) for u, r in got.items()}
         survivors, dropped = coord.unmask_request(masked)
-        got = stage("secagg_unmask", {u: {"survivors": json.dumps(survivors), "dropped": json.dumps(dropped)} for u in survivors})
-        responses = {u: {int(p): (kind, (int(x), bytes.fromhex(y))) for p, (kind, x, y) in json.loads(str(r.content["secagg"]["shares"])).items()}
+        got = stage("secagg_unmask", {u: {"survivors": survivors, "dropped": dropped} for u in survivors})
+        responses = {u: {int(p): (str(kind_), (int(x), bytes(y))) for p, kind_, x, y in
+                         zip(r["secagg"]["peers"], r["secagg"]["kinds"], r["secagg"]["x"], r["secagg"]["y"], strict=True)}
                      for u, r in got.items()}
-        total = coord.aggregate(masked, responses)
-        return read_sum(total, shapes, q), survivors
-
-
+        return coord.aggregate(masked, responses), survivors, q

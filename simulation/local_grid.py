@@ -3,12 +3,15 @@
 Same Message API as Flower's SuperLink, no processes, no serialisation: each virtual node has
 a persistent ``Context`` (node config ``partition-id``/``num-partitions``, as on Flower's
 Simulation Engine) and nodes are served one after another in the calling thread, so every
-virtual site shares the process's single base model.
+virtual site shares the process's single base model. A ``timeout`` is honoured as a deadline
+for the whole batch: a reply produced after it is dropped, as a real grid would stop waiting
+(the nodes run one after another here, so their times add up).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Iterable
 from uuid import uuid4
@@ -73,4 +76,13 @@ class LocalGrid(Grid):
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        if timeout is None:
+            return self.pull_messages(self.push_messages(messages))
+        deadline, replies = time.monotonic() + timeout, []
+        for msg in messages:
+            got = self.pull_messages(self.push_messages([msg]))
+            if time.monotonic() > deadline:
+                log.warning("node %s replied after the %.3g s timeout; its reply is dropped", msg.metadata.dst_node_id, timeout)
+                continue
+            replies += got
+        return replies

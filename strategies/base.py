@@ -30,6 +30,9 @@ class Strategy(ABC):
     """Owns the update rule; ``aggregate`` is called once per cohort per round."""
 
     name: str = "strategy"
+    # True when the rule needs only the weighted sum of the updates and the sum of the weights
+    # (FedAvg): only such strategies compose with secure aggregation, which reveals nothing else
+    linear: bool = False
 
     @abstractmethod
     def aggregate(self, global_state: State, updates: Sequence[SiteUpdate]) -> dict[str, np.ndarray]:
@@ -47,8 +50,9 @@ class Strategy(ABC):
 
 def _registry() -> dict[str, type[Strategy]]:
     from .fedavg import FedAvg
+    from .median import CoordinateMedian
 
-    return {"fedavg": FedAvg}
+    return {"fedavg": FedAvg, "median": CoordinateMedian}
 
 
 def get_strategy(name: str) -> Strategy:

@@ -41,6 +41,7 @@ class FedAvg(Strategy):
     """Example-weighted averaging of adapter updates, applied with server learning rate eta."""
 
     name = "fedavg"
+    linear = True
 
     def __init__(self, server_learning_rate: float = 1.0) -> None:
         if not server_learning_rate > 0:

@@ -1,4 +1,5 @@
-"""The same config and seed give the same final adapters in-process and on Flower's Ray engine."""
+"""The same config and seed give the same final adapters in-process and on Flower's Ray engine,
+with one cohort under secure aggregation (3 sites) and one in the clear (2 sites)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def test_inprocess_and_ray_engines_give_the_same_adapters(make_config, tmp_path:
     threads = float(torch.get_num_threads())
     runs = {}
     for engine in ("inprocess", "ray"):
-        cfg = make_config(tmp_path / engine, federation={"engine": engine, "ray_cpus_per_site": threads})
+        cfg = make_config(tmp_path / engine, federation={"engine": engine, "ray_cpus_per_site": threads},
+                          cohorts={"finance": {"sites": 3}, "medical": {"sites": 2}})
         runs[engine], _ = simulate(cfg, progress=False)
     for cohort in ("finance", "medical"):
         a = load_file(str(runs["inprocess"] / "adapters" / cohort / "adapter_model.safetensors"))
@@ -30,3 +32,6 @@ def test_inprocess_and_ray_engines_give_the_same_adapters(make_config, tmp_path:
     sa, sb = (json.loads((runs[e] / "summary.json").read_text()) for e in ("inprocess", "ray"))
     assert sa["bytes_up"] == sb["bytes_up"] and sa["bytes_down"] == sb["bytes_down"]
     assert sa["cohorts"]["finance"]["accuracy"] == sb["cohorts"]["finance"]["accuracy"]
+    # secure sums are exact integer sums: the masks cancel whatever each engine drew
+    assert sa["cohorts"]["finance"]["secure_aggregation"] is sb["cohorts"]["finance"]["secure_aggregation"] is True
+    assert sb["cohorts"]["medical"]["secure_aggregation"] is False

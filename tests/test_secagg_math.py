@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from fedlora.privacy import masking, shamir
 from fedlora.privacy.quantization import Quantizer
+from fedlora.privacy.secagg_vector import (EVAL_LOSS_SCALE, EVAL_MODULUS_BITS, INT_FIELDS, LOSS_SCALE, eval_vector, read_eval_sum,
+                                           read_sum, site_vector)
 
 
 @settings(max_examples=60, deadline=None)
@@ -84,3 +86,45 @@ def test_masks_are_deterministic_per_seed_uniform_and_cancel() -> None:
     assert np.array_equal(masking.sub(masked, masking.mask(a, 1000, 20), 20), x)
     with pytest.raises(ValueError, match="32 bytes"):
         masking.mask(b"short", 4, 20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sites=st.integers(1, 30), labels=st.integers(2, 6), seed=st.integers(0, 2**32 - 1))
+def test_eval_metrics_sum_to_the_example_weighted_means(sites: int, labels: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    per_site = []
+    total = np.zeros(3 + labels, dtype=np.uint64)
+    for _ in range(sites):
+        n = int(rng.integers(1, 5000))
+        counts = rng.multinomial(n, np.ones(labels) / labels)
+        loss, correct = float(rng.uniform(0, 20)), int(rng.integers(0, n + 1))
+        per_site.append((loss, correct, n, counts))
+        total = masking.add(total, eval_vector(loss, correct, n, counts), EVAL_MODULUS_BITS)
+    got = read_eval_sum(total, sites)
+    n_all = sum(p[2] for p in per_site)
+    assert got.examples == n_all and got.sites == sites
+    assert got.accuracy == sum(p[1] for p in per_site) / n_all
+    assert np.array_equal(got.label_counts, np.sum([p[3] for p in per_site], axis=0))
+    # each site's loss sum is rounded to a millionth: the mean is off by at most sites / (2e6 n)
+    assert abs(got.eval_loss - sum(p[0] * p[2] for p in per_site) / n_all) <= sites / (2 * EVAL_LOSS_SCALE * n_all) + 1e-12
+
+
+def test_train_vector_reads_back_the_weighted_mean_loss_counts_and_bits() -> None:
+    q = Quantizer(clip_range=1.0, bits=20, modulus_bits=24)
+    shapes = {"b": (2, 3), "a": (4,)}
+    rng = np.random.default_rng(0)
+    sites = [({k: rng.uniform(-0.5, 0.5, size=s) for k, s in shapes.items()}, w, loss, bit)
+             for w, loss, bit in ((1.0, 3.7, 1), (0.25, 0.9, 0), (0.5, 80.0, 1))]  # a loss above the cap of 64
+    total = np.zeros(sum(int(np.prod(s)) for s in shapes.values()) + 2 + INT_FIELDS, dtype=np.uint64)
+    for delta, w, loss, bit in sites:
+        v, clipped = site_vector(delta, w, loss, q, unclipped=bit)
+        assert clipped == 0
+        total = masking.add(total, v, q.modulus_bits)
+    got = read_sum(total, shapes, q)
+    wsum = sum(w for _, w, _, _ in sites)
+    assert got.sites == 3 and got.unclipped == 2 and got.clipped == 0 and got.weight == pytest.approx(wsum, abs=3 * q.step)
+    want_loss = sum(w * min(loss, LOSS_SCALE) for _, w, loss, _ in sites) / wsum
+    assert got.mean_loss == pytest.approx(want_loss, abs=LOSS_SCALE * 4 * q.error_bound(3) / wsum)
+    for k in shapes:
+        want = sum(w * d[k] for d, w, _, _ in sites) / wsum
+        assert np.max(np.abs(got.mean_delta[k] - want)) <= 2 * q.error_bound(3) / wsum
