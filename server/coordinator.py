@@ -44,6 +44,7 @@ from .checkpoint import Checkpoint
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
 from .secure_round import SecureAggregation
+from .secure_round import validate as validate_secure_aggregation
 
 log = logging.getLogger("fedlora.server")
 
@@ -160,6 +161,20 @@ class Coordinator:
         with ``secure_aggregation.metrics = "none"``, not asked for)."""
         return cohort.secure and self.cfg.secure_aggregation.metrics == "secure"
 
+    def _secure_setup(self, cohort: Cohort, nodes: list[int], round_: int, kind: str) -> dict[int, dict[str, Any]] | None:
+        """Each site's secure-aggregation setup, or None when the sampled sites are too few
+        (fewer than ``min_sites`` or than the threshold needs): then the cohort sits the
+        round out rather than send anything in the clear."""
+        assert self.secagg is not None
+        need = self.cfg.secure_aggregation.min_sites
+        try:
+            if len(nodes) < need:
+                raise ValueError(f"only {len(nodes)} site(s) sampled, fewer than secure_aggregation.min_sites = {need}")
+            return self.secagg.site_config(cohort.name, nodes, round_, "train" if kind == "train" else "evaluate")
+        except ValueError as e:
+            log.warning("round %d: cohort %r sits out this %s round: %s", round_, cohort.name, kind, e)
+            return None
+
     def _broadcast(self, kind: str, round_: int) -> list[Message]:
         """One message per site; ``train`` goes only to the sampled sites of cohorts still training;
         ``evaluate`` skips secure cohorts whose metrics are not to be sent."""
@@ -171,13 +186,16 @@ class Coordinator:
                 nodes = cohort.selected = self._sample(cohort)
                 if self.client_dp is not None:
                     extra = self.client_dp.site_config(cohort.name, len(nodes))
-                if cohort.secure and self.secagg is not None and nodes:
-                    secure = self.secagg.site_config(cohort.name, nodes, round_)
+                if cohort.secure and nodes:
+                    secure = self._secure_setup(cohort, nodes, round_, kind)
+                    if secure is None:
+                        nodes = cohort.selected = []
             elif cohort.secure and self.cfg.secure_aggregation.metrics == "none":
                 continue
             elif self._secure_metrics(cohort):
-                assert self.secagg is not None
-                secure = self.secagg.site_config(cohort.name, nodes, round_, "evaluate")
+                secure = self._secure_setup(cohort, nodes, round_, kind)
+                if secure is None:
+                    continue
             content = self._content(cohort, round_, extra)
             for node in nodes:  # a site's own secure-aggregation setup beside the shared records
                 own = content if secure is None else RecordDict({**content, "secagg": ConfigRecord(secure[node])})
@@ -411,6 +429,7 @@ class Coordinator:
         start = time.perf_counter()
         bytes_before = self.bytes_up
         self._discover(grid)
+        validate_secure_aggregation(self.cfg.secure_aggregation, {c.name: len(c.nodes) for c in self.cohorts.values()})
         for cohort in self.cohorts.values():
             cohort.secure = self.secagg is not None and len(cohort.nodes) >= self.cfg.secure_aggregation.min_sites
             if self.secagg is not None and not cohort.secure:

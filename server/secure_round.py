@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedlora.config import SecureAggregationConfig
+from fedlora.errors import ConfigError
 from fedlora.model import derive_seed
 from fedlora.privacy.quantization import Quantizer, wire_dtype
 from fedlora.privacy.secagg import SecAggCoordinator, neighbours
@@ -47,6 +48,19 @@ def plan(cfg: SecureAggregationConfig, n: int) -> tuple[int, int, Quantizer]:
     q = Quantizer(cfg.clip_range, cfg.bits, min(64, cfg.bits + math.ceil(math.log2(n + 1))))
     q.check_no_overflow(n)
     return k, t, q
+
+
+def validate(cfg: SecureAggregationConfig, cohort_sizes: Mapping[str, int]) -> None:
+    """Refuse, before any round, a secure-aggregation config that cannot work for a cohort
+    that will use it (ConfigError naming the cohort)."""
+    if not cfg.enabled:
+        return
+    for name, n in cohort_sizes.items():
+        if n >= cfg.min_sites:
+            try:
+                plan(cfg, n)
+            except ValueError as e:
+                raise ConfigError("secure_aggregation", f"cohort {name} ({n} sites)", str(e)) from None
 
 
 class SecureAggregation:

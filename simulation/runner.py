@@ -24,6 +24,7 @@ from fedlora.model import ModelSpec, get_runtime
 from fedlora.server.app import make_server_app
 from fedlora.server.checkpoint import Checkpoint
 from fedlora.server.rundir import RunDir, default_run_dir
+from fedlora.server.secure_round import validate as validate_secure_aggregation
 
 from . import demo_data
 from .local_grid import LocalGrid
@@ -58,6 +59,7 @@ def plan_sites(cfg: RunConfig) -> Plan:
             labels[c.name] = list(c.labels) if c.labels else demo_labels
             demo.append(c.name)
             sites.extend(SiteSpec(f"{c.name}-{i + 1}", c.name, "") for i in range(c.sites))
+    validate_secure_aggregation(cfg.secure_aggregation, {c.name: c.sites for c in cfg.cohorts})
     budgets = cfg.privacy.budgets
     unknown = sorted(set(budgets) - {s.name for s in sites})
     if unknown:

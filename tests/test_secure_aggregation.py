@@ -177,3 +177,19 @@ def test_strategies_that_need_individual_updates_are_refused(make_config, tmp_pa
         make_config(tmp_path / "a", federation={"strategy": "median"})
     cfg = make_config(tmp_path / "b", federation={"strategy": "median"}, secure_aggregation=CLEAR)  # without it: allowed
     assert cfg.federation.strategy == "median"
+
+
+def test_an_impossible_threshold_is_refused_before_anything_is_written(make_config, tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "run", cohorts={"finance": {"sites": 3}}, secure_aggregation={**SECAGG, "threshold": 5})
+    with pytest.raises(ConfigError, match="cohort finance .3 sites.*threshold 5 exceeds"):
+        simulate(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sampled_cohort_too_small_for_secure_aggregation_sits_the_round_out(make_config, tmp_path: Path, caplog) -> None:
+    cfg = make_config(tmp_path / "run", cohorts={"finance": {"sites": 3}}, train__rounds=3, federation={"site_sample_rate": 0.5},
+                      secure_aggregation=SECAGG)
+    run, _ = simulate(cfg, progress=False)
+    # a round sampling 1 or 2 of the 3 sites sends them nothing: never a sum of fewer than min_sites
+    assert {x["cohorts"]["finance"]["sites_selected"] for x in _lines(run)[1:]} <= {0, 3}
+    assert "sits out this train round: only" in caplog.text
