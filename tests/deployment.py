@@ -1,0 +1,139 @@
+"""Real Flower deployment processes on loopback for tests: a SuperLink, SuperNodes, `flwr run`.
+
+Everything Flower writes goes under one temporary FLWR_HOME; every process starts in its own
+session and is killed with its whole group on exit (SuperNodes fork SuperExec and ClientApp
+processes), so nothing outlives the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+class LocalDeployment:
+    """``with LocalDeployment(tmp) as d: d.supernode(...); d.run(project)``: insecure loopback."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.home = root / "flwr-home"
+        self.logs = root / "logs"
+        self.port = free_port()
+        self.procs: list[subprocess.Popen] = []
+        # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name: the venv's bin first
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                    "PYTHONUNBUFFERED": "1"}
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.logs / f"{name}.log"
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log.open("w"), stderr=subprocess.STDOUT, env=self.env,
+                                cwd=self.root, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> LocalDeployment:
+        self.home.mkdir(parents=True)
+        self.logs.mkdir(parents=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        proc = self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                                         "--disable-runtime-dependency-installation"])
+        _wait_for_port(self.port, 60, proc, self.logs / "superlink.log")
+        return self
+
+    def supernode(self, name: str, node_config: dict[str, str]) -> None:
+        cfg = " ".join(f'{k}="{v}"' for k, v in node_config.items())
+        port = free_port()
+        proc = self._start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+                                  "--port", str(port), "--node-config", cfg])
+        _wait_for_port(port, 60, proc, self.logs / f"{name}.log")
+
+    def run(self, project: Path, timeout: float) -> subprocess.CompletedProcess:
+        """``flwr run PROJECT --stream``: returns when the run ends (its ServerApp's output included)."""
+        return subprocess.run([str(BIN / "flwr"), "run", str(project), "--stream"], capture_output=True, text=True, env=self.env,
+                              cwd=self.root, timeout=timeout)
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever its children left behind
+            except ProcessLookupError:
+                pass
+
+
+def live_processes(groups: set[int]) -> list[str]:
+    """Processes (not zombies) still running in the given process groups, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        state, pgrp = rest[0], int(rest[2])
+        if pgrp in groups and state != "Z":
+            out.append(f"{stat.parent.name} {name}")
+    return out
+
+
+def flower_project(path: Path, run_config: dict[str, object]) -> Path:
+    """A minimal Flower App whose components are fedlora's installed ServerApp and ClientApp."""
+    path.mkdir(parents=True)
+    cfg = "\n".join(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in run_config.items())
+    (path / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedloradeploytest"
+version = "1.0.0"
+description = "fedlora's apps, as installed"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedlora"
+
+[tool.flwr.app.components]
+serverapp = "fedlora.server.app:app"
+clientapp = "fedlora.client.app:app"
+
+[tool.flwr.app.config]
+{cfg}
+""")
+    return path
