@@ -4,13 +4,12 @@ One run:
 
 1. wait for the expected sites, ask each (``query``) for its name and cohort;
 2. per cohort, start from the initial adapter (a pure function of seed and cohort);
-3. each round: send every site its cohort's global adapter (``train``), check every reply
-   (keys, shapes, finite values), aggregate each cohort's updates with the strategy, then
-   send the new adapter (``evaluate``, every ``train.eval_every`` rounds and after the last)
-   and combine the sites' eval metrics weighted by
-   their example counts; append one line to ``metrics.jsonl``;
-   (line ``round = 0`` evaluates the initial adapter before any training);
-4. save each cohort's adapter in PEFT format and write ``summary.json``.
+3. each round: send every sampled site its cohort's global adapter (``train``), check every
+   reply, aggregate each cohort's updates with the strategy (secure cohorts: only their sum,
+   ``secure_round``), then send the new adapter (``evaluate``, every ``train.eval_every``
+   rounds and after the last) and combine the eval metrics (``evaluation``); append one line
+   to ``metrics.jsonl`` (line ``round = 0`` evaluates the initial adapter) and checkpoint;
+4. save each cohort's adapter in PEFT format and write ``summary.json`` (``run_summary``).
 
 A site that fails or sends a bad update is logged and left out of that round's aggregate;
 a round in which every site of a cohort failed stops the run with a FederationError.
@@ -20,8 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,42 +33,19 @@ from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import ClientDpEvent, event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
-from fedlora.privacy.secagg_vector import read_eval_sum, read_sum
-from fedlora.privacy.summary import client_spend, site_spend
+from fedlora.privacy.secagg_vector import read_sum
 from fedlora.strategies import SiteUpdate, get_strategy
 
 from .checkpoint import Checkpoint
+from .cohort import Cohort, RoundReplies, weighted
+from .evaluation import NO_METRICS, clear_metrics, secure_metrics
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
+from .run_summary import cohort_summary, privacy_summary
 from .secure_round import SecureAggregation
 from .secure_round import validate as validate_secure_aggregation
 
 log = logging.getLogger("fedlora.server")
-
-
-@dataclass
-class Cohort:
-    name: str
-    labels: list[str]
-    nodes: dict[int, str] = field(default_factory=dict)  # node id -> site name
-    state: dict[str, np.ndarray] = field(default_factory=dict)
-    active: bool = True  # False once every site of the cohort has spent its privacy budget
-    selected: list[int] = field(default_factory=list)  # nodes sampled for the current round
-    exhausted: set[str] = field(default_factory=set)  # sites that refused a round: their budget is spent
-    secure: bool = False  # aggregated with secure aggregation (enough sites and enabled)
-
-
-@dataclass
-class RoundReplies:
-    """What one cohort's sampled sites sent back in a train round."""
-
-    updates: list[SiteUpdate] = field(default_factory=list)
-    losses: list[tuple[float, float]] = field(default_factory=list)  # (train loss, examples)
-    seconds: list[float] = field(default_factory=list)
-    unclipped: list[int] = field(default_factory=list)  # client-level DP: 1 if the update was within C
-    failed: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-    advertised: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # secure aggregation: node -> public keys
 
 
 class Coordinator:
@@ -161,20 +135,6 @@ class Coordinator:
         with ``secure_aggregation.metrics = "none"``, not asked for)."""
         return cohort.secure and self.cfg.secure_aggregation.metrics == "secure"
 
-    def _secure_setup(self, cohort: Cohort, nodes: list[int], round_: int, kind: str) -> dict[int, dict[str, Any]] | None:
-        """Each site's secure-aggregation setup, or None when the sampled sites are too few
-        (fewer than ``min_sites`` or than the threshold needs): then the cohort sits the
-        round out rather than send anything in the clear."""
-        assert self.secagg is not None
-        need = self.cfg.secure_aggregation.min_sites
-        try:
-            if len(nodes) < need:
-                raise ValueError(f"only {len(nodes)} site(s) sampled, fewer than secure_aggregation.min_sites = {need}")
-            return self.secagg.site_config(cohort.name, nodes, round_, "train" if kind == "train" else "evaluate")
-        except ValueError as e:
-            log.warning("round %d: cohort %r sits out this %s round: %s", round_, cohort.name, kind, e)
-            return None
-
     def _broadcast(self, kind: str, round_: int) -> list[Message]:
         """One message per site; ``train`` goes only to the sampled sites of cohorts still training;
         ``evaluate`` skips secure cohorts whose metrics are not to be sent."""
@@ -186,14 +146,14 @@ class Coordinator:
                 nodes = cohort.selected = self._sample(cohort)
                 if self.client_dp is not None:
                     extra = self.client_dp.site_config(cohort.name, len(nodes))
-                if cohort.secure and nodes:
-                    secure = self._secure_setup(cohort, nodes, round_, kind)
+                if cohort.secure and self.secagg is not None and nodes:
+                    secure = self.secagg.setup(cohort.name, nodes, round_, kind)
                     if secure is None:
                         nodes = cohort.selected = []
             elif cohort.secure and self.cfg.secure_aggregation.metrics == "none":
                 continue
-            elif self._secure_metrics(cohort):
-                secure = self._secure_setup(cohort, nodes, round_, kind)
+            elif self._secure_metrics(cohort) and self.secagg is not None:
+                secure = self.secagg.setup(cohort.name, nodes, round_, kind)
                 if secure is None:
                     continue
             content = self._content(cohort, round_, extra)
@@ -269,10 +229,10 @@ class Coordinator:
                                                              len(cohort.selected), self.rng, self.cfg.privacy.accountant)
                 self._record_client_event(cohort, event)
                 cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="client-dp-mean", delta=mean, weight=1.0)])
-                entry.update({"train_loss": _weighted(got.losses), **info})
+                entry.update({"train_loss": weighted(got.losses), **info})
             elif got.updates:
                 cohort.state = self.strategy.aggregate(cohort.state, got.updates)
-                entry["train_loss"] = _weighted(got.losses)
+                entry["train_loss"] = weighted(got.losses)
             elif got.failed:
                 raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed "
                                       f"({', '.join(got.failed + got.refused)}); stopping")
@@ -322,76 +282,22 @@ class Coordinator:
         """How a secure-aggregation stage talks to the sites: the stage timeout bounds each wait."""
         return lambda msgs: self._exchange(grid, msgs, timeout=self.cfg.secure_aggregation.stage_timeout)
 
-    def _secure_metrics_sum(self, grid: Grid, cohort: Cohort, replies: dict[int, Message], round_: int) -> dict[str, Any]:
-        """A secure cohort's eval metrics: summed over its sites with secure aggregation; per
-        site, the coordinator sees only public keys and masked integers."""
-        assert self.secagg is not None
-        advertised = {}
-        for node in cohort.nodes:
-            reply = replies.get(node)
-            if reply is None or reply.has_error():
-                if reply is not None:
-                    log.warning("round %d evaluate: %s", round_, reply.error.reason)
-                continue
-            keys = reply.content["secagg"]
-            advertised[node] = (bytes(keys["c_pk"]), bytes(keys["s_pk"]))
-        empty = {"eval_loss": None, "accuracy": None, "eval_examples": 0, "site_eval_seconds": None, "majority_baseline": None}
-        try:
-            if not advertised:
-                raise SecAggAbort("no site sent its keys")
-            total, survivors, _ = self.secagg.secure_sum(self._stage_exchange(grid), cohort.name, round_, advertised, "evaluate")
-        except (SecAggAbort, ValueError) as e:
-            log.warning("round %d: secure aggregation of cohort %r's eval metrics aborted: %s", round_, cohort.name, e)
-            return empty | {"secure_aggregation_eval_aborted": str(e)}
-        m = read_eval_sum(total, len(survivors))
-        return {"eval_loss": m.eval_loss, "accuracy": m.accuracy, "eval_examples": m.examples, "site_eval_seconds": None,
-                "eval_sites": m.sites, "majority_baseline": float(m.label_counts.max() / m.examples) if m.examples else None}
-
     def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         before = self.bytes_up, self.bytes_down
         replies = self._exchange(grid, self._broadcast("evaluate", round_))
         for cohort in self.cohorts.values():
             entry = line["cohorts"].setdefault(cohort.name, {})
             if cohort.secure and self.cfg.secure_aggregation.metrics == "none":
-                entry.update({"eval_loss": None, "accuracy": None, "eval_examples": None, "site_eval_seconds": None, "majority_baseline": None})
-                continue
-            if self._secure_metrics(cohort):
-                entry.update(self._secure_metrics_sum(grid, cohort, replies, round_))
-                continue
-            losses, accs, seconds, counts = [], [], [], np.zeros(len(cohort.labels), dtype=np.int64)
-            for node, site in sorted(cohort.nodes.items(), key=lambda kv: kv[1]):  # a fixed order: same float sums on every engine
-                reply = replies.get(node)
-                if reply is None or reply.has_error():
-                    if reply is not None:
-                        log.warning("round %d evaluate: %s", round_, reply.error.reason)
-                    continue
-                m = reply.content["metrics"]
-                n = float(m["num_examples"])
-                losses.append((float(m["eval_loss"]), n))
-                accs.append((float(m["accuracy"]), n))
-                seconds.append(float(m["eval_seconds"]))
-                counts += np.asarray(list(m["label_counts"]), dtype=np.int64)
-            entry.update({"eval_loss": _weighted(losses), "accuracy": _weighted(accs), "eval_examples": int(counts.sum()),
-                          "site_eval_seconds": float(np.sum(seconds)),
-                          "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None})
+                entry.update(NO_METRICS)
+            elif self._secure_metrics(cohort):
+                assert self.secagg is not None
+                entry.update(secure_metrics(self.secagg, self._stage_exchange(grid), cohort, replies, round_))
+            else:
+                entry.update(clear_metrics(cohort, replies, round_))
         line["bytes_up"] += self.bytes_up - before[0]
         line["bytes_down"] += self.bytes_down - before[1]
 
     # ---- the run ---------------------------------------------------------------------
-    def _privacy_summary(self) -> dict[str, Any]:
-        """Per site (sample-level DP) and per cohort (client-level DP): epsilon recomputed from the
-        run's ledger at each unit's declared delta, with the parameters to recompute it."""
-        out: dict[str, Any] = {"dp": self.cfg.privacy.dp, "client_dp": self.cfg.privacy.client_dp}
-        if self.client_dp is not None:
-            out["client_level"] = {"unit": "one whole site", "sampling": f"poisson, rate {self.client_dp.q:g} per round",
-                                   "noised_by": self.cfg.privacy.client_noise, "adaptive_clip": self.cfg.privacy.adaptive_clip,
-                                   "cohorts": {c: client_spend(self.ledger, c) for c in self.cohorts}}
-        if self.cfg.privacy.dp:
-            spent = {s: site_spend(self.ledger, s) for c in self.cohorts.values() for s in sorted(c.nodes.values())}
-            out |= {"unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)",
-                    "sites": {s: v for s, v in sorted(spent.items()) if v is not None}}
-        return out
-
     def _checkpoint(self, round_: int, initial: dict[str, Any], last: dict[str, Any]) -> None:
         state = {
             "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "rng": self.rng.bit_generator.state,
@@ -488,22 +394,8 @@ class Coordinator:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "wall_seconds": time.perf_counter() - start,
-            "cohorts": {
-                c.name: {"sites": sorted(c.nodes.values()), "labels": c.labels,
-                         "accuracy": last["cohorts"][c.name]["accuracy"], "eval_loss": last["cohorts"][c.name]["eval_loss"],
-                         "majority_baseline": last["cohorts"][c.name]["majority_baseline"],
-                         "initial_accuracy": initial["cohorts"][c.name]["accuracy"],
-                         "train_loss": last["cohorts"][c.name].get("train_loss"), "adapter": f"adapters/{c.name}",
-                         "secure_aggregation": c.secure}
-                for c in self.cohorts.values()
-            },
+            "cohorts": {c.name: cohort_summary(c, initial, last) for c in self.cohorts.values()},
         }
-        summary["privacy"] = self._privacy_summary()
+        summary["privacy"] = privacy_summary(self.cfg.privacy, self.client_dp, self.ledger, self.cohorts)
         self.run_dir.write_json("summary.json", summary)
         return summary
-
-
-def _weighted(pairs: Iterable[tuple[float, float]]) -> float | None:
-    pairs = list(pairs)
-    total = sum(n for _, n in pairs)
-    return float(sum(v * n for v, n in pairs) / total) if total else None

@@ -16,6 +16,7 @@ Parameters: k neighbours (0: all others up to 8 sites, else the smallest even nu
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ from fedlora.privacy.quantization import Quantizer, wire_dtype
 from fedlora.privacy.secagg import SecAggCoordinator, neighbours
 from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
 
+log = logging.getLogger("fedlora.server")
 Exchange = Callable[[list[Message]], dict[int, Message]]
 
 
@@ -85,6 +87,18 @@ class SecureAggregation:
         if kind == "train":
             shared |= {"bits": q.bits, "clip_range": float(q.clip_range), "weight_scale": float(self.cfg.weight_scale)}
         return {u: shared | {"neighbours": list(graph[u])} for u in nodes}
+
+    def setup(self, cohort: str, nodes: list[int], round_: int, kind: str) -> dict[int, dict[str, Any]] | None:
+        """``site_config``, or None when the sampled sites are too few (fewer than ``min_sites``
+        or than the threshold needs): then the cohort sits the round out rather than send
+        anything in the clear."""
+        try:
+            if len(nodes) < self.cfg.min_sites:
+                raise ValueError(f"only {len(nodes)} site(s) sampled, fewer than secure_aggregation.min_sites = {self.cfg.min_sites}")
+            return self.site_config(cohort, nodes, round_, "train" if kind == "train" else "evaluate")
+        except ValueError as e:
+            log.warning("round %d: cohort %r sits out this %s round: %s", round_, cohort, kind, e)
+            return None
 
     def secure_sum(self, exchange: Exchange, cohort: str, round_: int, advertised: Mapping[int, tuple[bytes, bytes]],
                    kind: str = "train") -> tuple[np.ndarray, list[int], Quantizer | None]:

@@ -1,0 +1,38 @@
+"""What ``summary.json`` says of each cohort and of the privacy spent (built once, at the end)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedlora.config import PrivacyConfig
+from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.summary import client_spend, site_spend
+
+from .client_dp import ClientLevelDp
+from .cohort import Cohort
+
+
+def cohort_summary(cohort: Cohort, initial: Mapping[str, Any], last: Mapping[str, Any]) -> dict[str, Any]:
+    """A cohort's sites, labels, final metrics (from the last metrics line), initial accuracy,
+    adapter folder and whether it was aggregated securely."""
+    end = last["cohorts"][cohort.name]
+    return {"sites": sorted(cohort.nodes.values()), "labels": cohort.labels, "accuracy": end["accuracy"], "eval_loss": end["eval_loss"],
+            "majority_baseline": end["majority_baseline"], "initial_accuracy": initial["cohorts"][cohort.name]["accuracy"],
+            "train_loss": end.get("train_loss"), "adapter": f"adapters/{cohort.name}", "secure_aggregation": cohort.secure}
+
+
+def privacy_summary(cfg: PrivacyConfig, client_dp: ClientLevelDp | None, ledger: PrivacyLedger,
+                    cohorts: Mapping[str, Cohort]) -> dict[str, Any]:
+    """Per site (sample-level DP) and per cohort (client-level DP): epsilon recomputed from the
+    run's ledger at each unit's declared delta, with the parameters to recompute it."""
+    out: dict[str, Any] = {"dp": cfg.dp, "client_dp": cfg.client_dp}
+    if client_dp is not None:
+        out["client_level"] = {"unit": "one whole site", "sampling": f"poisson, rate {client_dp.q:g} per round",
+                               "noised_by": cfg.client_noise, "adaptive_clip": cfg.adaptive_clip,
+                               "cohorts": {c: client_spend(ledger, c) for c in cohorts}}
+    if cfg.dp:
+        spent = {s: site_spend(ledger, s) for c in cohorts.values() for s in sorted(c.nodes.values())}
+        out |= {"unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)",
+                "sites": {s: v for s, v in sorted(spent.items()) if v is not None}}
+    return out
