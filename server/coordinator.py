@@ -131,8 +131,7 @@ class Coordinator:
         return [n for n, k in zip(nodes, keep) if k]
 
     def _secure_metrics(self, cohort: Cohort) -> bool:
-        """Whether this cohort's eval metrics are summed securely (else sent in the clear, or,
-        with ``secure_aggregation.metrics = "none"``, not asked for)."""
+        """Whether this cohort's eval metrics are summed securely (else clear, or not asked for)."""
         return cohort.secure and self.cfg.secure_aggregation.metrics == "secure"
 
     def _broadcast(self, kind: str, round_: int) -> list[Message]:
