@@ -2,7 +2,8 @@
 
 Message types and their records:
 
-* ``query``    -> reply ``ConfigRecord "site"``: ``name``, ``cohort``.
+* ``query``    <- ``ConfigRecord "config"`` (the model spec, with the base model's name and hash);
+                  -> reply ``ConfigRecord "site"``: ``name``, ``cohort``; a site holding another base model refuses.
 * ``train``    <- ``ArrayRecord "adapter"`` (the cohort's global adapter, wire dtype),
                   ``ConfigRecord "config"`` (round, cohort, labels, seed, model spec, local
                   training settings, wire dtype);
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -71,6 +72,16 @@ def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed:
     return _DATA_CACHE[key]
 
 
+def site_model(cfg: ConfigRecord, site: SiteSpec) -> ModelSpec:
+    """The coordinator's model spec with this site's own copy of the base model (``site.model``,
+    if the site names one); refuses a copy whose name or hash differs from the coordinator's."""
+    spec = ModelSpec.from_flat(cfg)
+    if site.model:
+        spec = replace(spec, source=site.model)
+    spec.check_base_model(spec.source)
+    return spec
+
+
 def _settings(cfg: ConfigRecord) -> LocalTrainSettings:
     return LocalTrainSettings(local_steps=int(cfg["train.local_steps"]), local_epochs=float(cfg["train.local_epochs"]),
                               batch_size=int(cfg["train.batch_size"]), optimizer=str(cfg["train.optimizer"]),
@@ -106,13 +117,15 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         cfg = msg.content["config"]
         if str(cfg["cohort"]) != site.cohort:
             raise FedloraError(f"asked to work for cohort {cfg['cohort']!r}, but this site belongs to {site.cohort!r}")
-        runtime = get_runtime(ModelSpec.from_flat(cfg), device, dtype)
+        runtime = get_runtime(site_model(cfg, site), site.device or device, dtype)
         labels = list(cfg["labels"])
         data = site_data(site, labels, runtime, int(cfg["seed"]), float(cfg["train.eval_fraction"]))
         state, _ = from_record(msg.content["adapter"], runtime.adapter_shapes(len(labels)))
         return runtime, cfg, data, state
 
     def query(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
+        if "config" in msg.content:  # the coordinator names its base model: refuse to join with another
+            site_model(msg.content["config"], site)
         return RecordDict({"site": ConfigRecord({"name": site.name, "cohort": site.cohort})})
 
     def train(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:

@@ -31,6 +31,7 @@ from fedlora.privacy.events import DpSgdEvent, event_to_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.task import EncodedExamples
 
+from .release_cache import ReleaseCache, request_digest
 from .dp_trainer import DpSgdSettings, train_local_dp
 from .trainer import LocalTrainSettings, TrainResult
 
@@ -69,9 +70,10 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
     """One DP-SGD round within the site's budget; returns the update, the round's privacy event
     (as a dict) and the site's budget status (epsilon spent, budget, delta and how it was chosen).
 
-    A round the site already trained (the coordinator restarted mid-round and asks again) is
-    trained again with fresh noise and charged again: releasing two noisy answers to one
-    round costs twice, and reusing the noise would let a coordinator cancel it."""
+    A round asked again with the same global adapter (the coordinator restarted mid-round)
+    gets the same release again, uncharged (``release_cache``). Asked again with another
+    adapter, the site trains again with fresh noise and is charged again: two different noisy
+    answers to one round cost twice, and reusing the noise would let a coordinator cancel it."""
     n = len(train)
     round_, rounds, seed = int(cfg["round"]), int(cfg["train.rounds"]), int(cfg["seed"])
     accountant, clip = str(cfg["privacy.accountant"]), float(cfg["privacy.max_grad_norm"])
@@ -79,6 +81,13 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
     steps = settings.steps_for(n)
     delta, rule = default_delta(float(cfg["privacy.delta"]), n, "training records")
     ledger, sigma = _load(ctx, state_file)
+    cache = ReleaseCache(site, state_file.parent if state_file is not None else None)
+    digest = request_digest(global_state, cohort=cohort, round_=round_, seed=seed)
+    replay = cache.get(digest)
+    if replay is not None:
+        result, event = replay
+        status = {"epsilon_spent": ledger.spent(site, delta, accountant), "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
+        return result, event, status
     if sigma is None:
         fixed = float(cfg.get("privacy.noise_multiplier", 0.0))
         sigma = fixed if fixed > 0 else calibrate_noise(budget_epsilon, delta, q, rounds * steps, accountant=accountant)
@@ -97,6 +106,7 @@ def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, tr
         raise FedloraError(f"DP training ran {ran}, not the mechanism checked against the budget ({planned}); update withheld")
     ledger.record(planned)  # the checked event, with this run's accountant
     _save(ctx, state_file, ledger, sigma)
+    cache.put(digest, result, event_to_dict(planned))
     status = {"epsilon_spent": after, "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
     return result, event_to_dict(planned), status
 

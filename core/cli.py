@@ -2,12 +2,15 @@
 
 ``fedlora privacy-report RUN_DIR``: what every site spent, recomputed from the run's ledger.
 
+``fedlora certs`` / ``fedlora server`` / ``fedlora client``: a real deployment (``cli_deploy``).
+
 ``fedlora simulate``: a local federation (defaults: 9 sites, 3 finance, 3 medical, 3 retail,
 synthetic demo data, the packaged pretrained model, LoRA). A TOML config (``--config``)
 describes the run and flags override it; the whole config is validated before any work.
 
 Exit codes: 0 done; 2 bad config or flags; 3 bad data; 4 model problem; 5 bad adapter
-payload; 6 the federation could not complete; 130 interrupted.
+payload; 6 the federation could not complete; 7 deployment (processes, connection,
+certificates, keys); 8 privacy budget; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -32,6 +35,31 @@ def _data_arg(text: str) -> tuple[str, str]:
     return domain, path
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that override a run config, shared by ``simulate`` and ``server``."""
+    p.add_argument("--sites", type=int, help="sites per cohort")
+    p.add_argument("--rounds", type=int, help="federated rounds")
+    p.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
+    p.add_argument("--local-epochs", type=float, help="epochs per site per round (replaces --local-steps)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, dest="learning_rate", help="local learning rate")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model", dest="model_source", help="local HF checkpoint folder (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-mode", choices=["standard", "frozen_a"])
+    p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dp", action=argparse.BooleanOptionalAction, default=None, help="DP-SGD at every site (default off)")
+    p.add_argument("--epsilon", type=float, help="each site's privacy budget epsilon (default 8)")
+    p.add_argument("--delta", type=float, help="delta (default: 1e-5, or 0.1/n at a site with n records)")
+    p.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm C (default 1.0)")
+    p.add_argument("--client-dp", action=argparse.BooleanOptionalAction, default=None,
+                   help="client-level DP: clip each site's update, add noise to each cohort's sum (default off)")
+    p.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=None,
+                   help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites (default on; --no-secure-aggregation "
+                        "aggregates every cohort in the clear)")
+    p.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedlora", description="Federated, privacy-preserving LoRA fine-tuning on Flower.")
     p.add_argument("--version", action="version", version=f"fedlora {__import__('fedlora').__version__}")
@@ -44,37 +72,41 @@ def _parser() -> argparse.ArgumentParser:
                    help="real CSV/JSONL/Parquet data for a cohort, split across its sites (repeatable); only the named cohorts run")
     s.add_argument("--text-column", help="text column of --data files (default text)")
     s.add_argument("--label-column", help="label column of --data files (default label)")
-    s.add_argument("--sites", type=int, help="sites per cohort")
-    s.add_argument("--rounds", type=int, help="federated rounds")
-    s.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
-    s.add_argument("--local-epochs", type=float, help="epochs per site per round (replaces --local-steps)")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--lr", type=float, dest="learning_rate", help="local learning rate")
-    s.add_argument("--seed", type=int)
     s.add_argument("--engine", choices=["inprocess", "ray"])
-    s.add_argument("--model", dest="model_source", help="local HF checkpoint folder (default: the packaged all-MiniLM-L6-v2)")
     s.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    s.add_argument("--lora-rank", type=int)
-    s.add_argument("--lora-mode", choices=["standard", "frozen_a"])
-    s.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"])
     s.add_argument("--examples-per-site", type=int, help="demo data rows at the largest site")
-    s.add_argument("--dp", action=argparse.BooleanOptionalAction, default=None, help="DP-SGD at every site (default off)")
-    s.add_argument("--epsilon", type=float, help="each site's privacy budget epsilon (default 8)")
-    s.add_argument("--delta", type=float, help="delta (default: 1e-5, or 0.1/n at a site with n records)")
-    s.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm C (default 1.0)")
-    s.add_argument("--client-dp", action=argparse.BooleanOptionalAction, default=None,
-                   help="client-level DP: clip each site's update, add noise to each cohort's sum (default off)")
-    s.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=None,
-                   help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites (default on; --no-secure-aggregation "
-                        "aggregates every cohort in the clear)")
-    s.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
+    add_run_flags(s)
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (with its own config)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")
+    from .cli_deploy import add_deploy_parsers
+
+    add_deploy_parsers(sub)
     r = sub.add_parser("privacy-report", help="what every site spent (JSON, Markdown, HTML with a plot)",
                        description="Recompute every site's privacy spend from a run directory's ledger; works on a run in progress.")
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--out", help="where to write privacy.json/.md/.html/.png (default: RUN_DIR)")
     return p
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config keys from the flags ``add_run_flags`` defines (None: not given)."""
+    return {
+        "out": args.out, "seed": args.seed, "train.rounds": args.rounds, "train.local_steps": args.local_steps,
+        "train.local_epochs": args.local_epochs, "train.batch_size": args.batch_size, "train.learning_rate": args.learning_rate,
+        "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source,
+        "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
+        "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
+        "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm, "privacy.client_dp": args.client_dp,
+        "privacy.grad_sample_mode": args.grad_sample_mode, "secure_aggregation.enabled": args.secure_aggregation,
+        "cohorts.*.sites": args.sites, "cohorts.*.text_column": getattr(args, "text_column", None),
+        "cohorts.*.label_column": getattr(args, "label_column", None),
+    }
+
+
+def config_with_flags(data: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
+    if "cohorts" not in data and any(overrides[k] is not None for k in overrides if k.startswith("cohorts.")):
+        data = {**data, "cohorts": {d: {} for d in DEMO_DOMAINS}}
+    return config_from_dict(apply_overrides(data, overrides))
 
 
 def simulate_config(args: argparse.Namespace) -> RunConfig:
@@ -88,19 +120,9 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         old = data.get("cohorts", {})
         data = dict(data)
         data["cohorts"] = {d: {**old.get(d, {}), "data": path} for d, path in args.data}
-    overrides = {
-        "out": args.out, "seed": args.seed, "train.rounds": args.rounds, "train.local_steps": args.local_steps,
-        "train.local_epochs": args.local_epochs, "train.batch_size": args.batch_size, "train.learning_rate": args.learning_rate,
-        "federation.engine": args.engine, "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source,
-        "model.device": args.device, "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
-        "demo.examples_per_site": args.examples_per_site, "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
-        "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm, "privacy.client_dp": args.client_dp,
-        "privacy.grad_sample_mode": args.grad_sample_mode, "secure_aggregation.enabled": args.secure_aggregation,
-        "cohorts.*.sites": args.sites, "cohorts.*.text_column": args.text_column, "cohorts.*.label_column": args.label_column,
-    }
-    if "cohorts" not in data and any(overrides[k] is not None for k in overrides if k.startswith("cohorts.")):
-        data = {**data, "cohorts": {d: {} for d in DEMO_DOMAINS}}
-    return config_from_dict(apply_overrides(data, overrides))
+    overrides = run_overrides(args) | {"federation.engine": args.engine, "model.device": args.device,
+                                       "demo.examples_per_site": args.examples_per_site}
+    return config_with_flags(data, overrides)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -154,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
-        return {"simulate": _cmd_simulate, "privacy-report": _cmd_privacy_report}[args.command](args)
+        from .cli_deploy import COMMANDS
+
+        return {"simulate": _cmd_simulate, "privacy-report": _cmd_privacy_report, **COMMANDS}[args.command](args)
     except FedloraError as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -47,6 +47,13 @@ class FederationError(FedloraError):
     exit_code = 6
 
 
+class DeploymentError(FedloraError):
+    """A deployment cannot start or connect: the coordinator's processes, an unreachable
+    coordinator, certificates or keys it refuses."""
+
+    exit_code = 7
+
+
 class RunInterrupted(FedloraError):
     """The run was interrupted (Ctrl-C); its directory keeps the last checkpoint."""
 

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -51,13 +52,26 @@ class ModelSpec:
     lora_dropout: float
     lora_targets: tuple[str, ...]
     lora_mode: str
+    name: str = ""  # the base model's name and content hash (``model_fingerprint``), checked by every site
+    sha256: str = ""
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ModelSpec:
         lo: LoraSettings = cfg.lora
+        name, sha = model_fingerprint(cfg.model.source)
         return cls(source=cfg.model.source, max_length=cfg.model.max_length, task=cfg.task.kind, lora_rank=lo.rank,
                    lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout), lora_targets=tuple(lo.target_modules),
-                   lora_mode=lo.mode)
+                   lora_mode=lo.mode, name=name, sha256=sha)
+
+    def check_base_model(self, source: str) -> None:
+        """Refuse to train unless the model at ``source`` (the one this site holds) has the
+        name and content hash the coordinator named."""
+        if not self.sha256:
+            return
+        name, sha = model_fingerprint(source)
+        if (name, sha) != (self.name, self.sha256):
+            raise ModelError(f"base model mismatch: the coordinator trains {self.name} (sha256 {self.sha256[:16]}...), "
+                             f"this site holds {name} (sha256 {sha[:16]}...) at {resolve_model_path(source)}; refusing to train")
 
     def to_flat(self) -> dict[str, Any]:
         """Flat scalars/lists for a Flower ConfigRecord (keys prefixed ``model.``)."""
@@ -87,6 +101,35 @@ def resolve_model_path(source: str) -> Path:
     if not (path / "config.json").is_file():
         raise ModelError(f"model.source {source!r}: {path} is not a Hugging Face checkpoint folder (no config.json)")
     return path
+
+
+_MODEL_FILES = re.compile(r".*\.(json|safetensors|bin|txt|model|gguf|py)$")
+_FINGERPRINTS: dict[tuple[str, tuple], tuple[str, str]] = {}
+
+
+def model_fingerprint(source: str) -> tuple[str, str]:
+    """The base model's name and a SHA-256 of its files.
+
+    The name is the packaged model's name, else the checkpoint folder's name. The hash covers
+    every config, weight and tokenizer file of the folder (sorted relative paths and contents,
+    ``sha256(path NUL sha256(content) NL ...)``), so two sites hold the same model exactly when
+    the hashes agree. Cached per (path, sizes, mtimes): hashing MiniLM's 90 MB takes ~0.1 s.
+    """
+    path = resolve_model_path(source)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and _MODEL_FILES.match(p.name) and "__pycache__" not in p.parts)
+    stamp = tuple((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    key = (str(path.resolve()), stamp)
+    if key not in _FINGERPRINTS:
+        outer = hashlib.sha256()
+        for p in files:
+            inner = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    inner.update(chunk)
+            outer.update(f"{p.relative_to(path).as_posix()}\0{inner.hexdigest()}\n".encode())
+        name = source.split(":", 1)[1] if source in PACKAGED_MODELS else path.resolve().name
+        _FINGERPRINTS[key] = (name, outer.hexdigest())
+    return _FINGERPRINTS[key]
 
 
 def select_device(preference: str = "auto") -> torch.device:

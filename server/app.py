@@ -1,20 +1,25 @@
 """The fedlora ServerApp (Flower Message API).
 
 ``make_server_app`` serves the simulation engines (config, run directory and labels in hand).
-``app`` is the deployment entry point (``flwr run`` against a SuperLink): it reads its run
-config keys ``config`` (path of a RUN.toml, optional), ``out`` (the run directory, required),
-``min-sites`` (sites to wait for; default: the config's total) and ``wait-timeout`` (seconds),
-and each cohort's labels from the config (``cohorts.<name>.labels``; the demo cohorts' own
+``app`` is the deployment entry point (``flwr run`` against a SuperLink, by ``fedlora server``
+or by hand): it reads its run config keys ``run-dir`` + ``resume`` (``fedlora server``) or
+``config`` (path of a RUN.toml, optional) + ``out`` (a new run directory), ``min-sites``
+(sites to wait for; default: the config's total), ``wait-timeout`` (seconds), ``registered``
+(``name=node_id,...``, to name the sites still missing), and each cohort's labels from the config (``cohorts.<name>.labels``; the demo cohorts' own
 labels when absent), since the coordinator holds no data.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig, apply_overrides, config_from_dict, load_config
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedloraError
 
 from .checkpoint import Checkpoint
 from .coordinator import Coordinator
@@ -54,16 +59,52 @@ def deployment_labels(cfg: RunConfig) -> dict[str, list[str]]:
     return out
 
 
+def _open_run(rc: dict) -> tuple[RunConfig, RunDir, Checkpoint | None]:
+    """``run-dir`` (made by ``fedlora server``, its config.toml inside; ``resume`` continues
+    from its checkpoint) or ``out`` + ``config`` (``flwr run .`` by hand: a new run directory)."""
+    if rc.get("run-dir"):
+        run_dir = RunDir(Path(str(rc["run-dir"])))
+        cfg = config_from_dict(load_config(run_dir.path / "config.toml"))
+        return cfg, run_dir, Checkpoint.load(run_dir.path) if rc.get("resume") else None
+    if not rc.get("out"):
+        raise ConfigError("run config out", rc.get("out"), "the run directory is required (flwr run . --run-config 'out=\"PATH\"')")
+    cfg = config_from_dict(apply_overrides(load_config(str(rc["config"]) if rc.get("config") else None), {"out": str(rc["out"])}))
+    run_dir = RunDir.create(cfg.out)
+    run_dir.write_toml("config.toml", cfg.to_dict() | {"out": str(run_dir.path)})
+    return cfg, run_dir, None
+
+
+def parse_registered(text: str) -> dict[int, str]:
+    """``name=node_id,...`` (the sites ``fedlora server`` registered) -> node id -> name."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, node = item.partition("=")
+        out[int(node)] = name
+    return out
+
+
 app = ServerApp()
 
 
 @app.main()
 def deployed(grid: Grid, context: Context) -> None:
-    rc = context.run_config
-    if not rc.get("out"):
-        raise ConfigError("run config out", rc.get("out"), "the run directory is required (flwr run --run-config 'out=\"PATH\"')")
-    cfg = config_from_dict(apply_overrides(load_config(str(rc["config"]) if rc.get("config") else None), {"out": str(rc["out"])}))
-    labels = deployment_labels(cfg)
-    run_dir = RunDir.create(cfg.out)
-    expected = int(rc.get("min-sites") or cfg.total_sites)
-    Coordinator(cfg, run_dir, labels, expected_sites=expected, progress=False, wait_timeout=float(rc.get("wait-timeout", 120.0))).run(grid)
+    """The deployment ServerApp; a fedlora error is also written to ``RUN_DIR/error.json``
+    (``fedlora server`` reads it back as its exit status)."""
+    logger = logging.getLogger("fedlora")
+    if not logger.handlers:  # the ServerApp's process: its stdout is streamed to `flwr run` (fedlora server's console)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("fedlora %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    rc = dict(context.run_config)
+    cfg, run_dir, resume = _open_run(rc)
+    try:
+        labels = deployment_labels(cfg)
+        expected = int(rc.get("min-sites") or cfg.total_sites)
+        Coordinator(cfg, run_dir, labels, expected_sites=expected, progress=False, wait_timeout=float(rc.get("wait-timeout") or 120.0),
+                    resume=resume, registered=parse_registered(str(rc.get("registered", "")))).run(grid)
+    except FedloraError as e:
+        run_dir.write_json("error.json", {"error": str(e), "exit_code": e.exit_code})
+        print(f"fedlora: error: {e}", flush=True)
+        raise

@@ -36,7 +36,7 @@ from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.secagg_vector import read_sum
 from fedlora.strategies import SiteUpdate, get_strategy
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
 from .cohort import Cohort, RoundReplies, weighted
 from .evaluation import NO_METRICS, clear_metrics, secure_metrics
 from .client_dp import ClientLevelDp
@@ -51,8 +51,9 @@ log = logging.getLogger("fedlora.server")
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
                  progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None,
-                 resume: Checkpoint | None = None) -> None:
+                 resume: Checkpoint | None = None, registered: dict[int, str] | None = None) -> None:
         self.cfg, self.run_dir, self.progress, self.resume = cfg, run_dir, progress, resume
+        self.registered = registered or {}  # node id -> site name of the sites allowed to join (deployment)
         self.spec = ModelSpec.from_config(cfg)
         self.strategy = get_strategy(cfg.federation.strategy)
         self.cohorts = {c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts}
@@ -84,15 +85,19 @@ class Coordinator:
             if len(nodes) >= self.expected_sites:
                 return nodes
             if time.monotonic() > deadline:
-                raise FederationError(f"only {len(nodes)} of {self.expected_sites} sites connected within {self.wait_timeout:.0f} s")
+                missing = sorted(name for node, name in self.registered.items() if node not in nodes)
+                who = f"; not connected: {', '.join(missing)}" if missing else ""
+                raise FederationError(f"only {len(nodes)} of {self.expected_sites} sites connected within {self.wait_timeout:.0f} s{who}")
             time.sleep(0.5)
 
     def _discover(self, grid: Grid) -> None:
         nodes = self._wait_for_nodes(grid)
-        replies = self._exchange(grid, [Message(RecordDict(), node, "query", group_id="0") for node in nodes])
+        log.info("%d site(s) connected", len(nodes))
+        replies = self._exchange(grid, [Message(RecordDict({"config": ConfigRecord(self.spec.to_flat())}), node, "query", group_id="0")
+                                           for node in nodes])
         for node, reply in sorted(replies.items()):
             if reply.has_error():
-                log.warning("node %s did not identify itself: %s", node, reply.error.reason)
+                log.warning("node %s (%s) did not join: %s", node, self.registered.get(node, "unregistered"), reply.error.reason)
                 continue
             info = reply.content["site"]
             name, cohort = str(info["name"]), str(info["cohort"])
@@ -297,39 +302,6 @@ class Coordinator:
         line["bytes_down"] += self.bytes_down - before[1]
 
     # ---- the run ---------------------------------------------------------------------
-    def _checkpoint(self, round_: int, initial: dict[str, Any], last: dict[str, Any]) -> None:
-        state = {
-            "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "rng": self.rng.bit_generator.state,
-            "cohorts": {c.name: {"active": c.active, "exhausted": sorted(c.exhausted), "sites": sorted(c.nodes.values())}
-                        for c in self.cohorts.values()},
-            "client_dp": self.client_dp.state_dict() if self.client_dp is not None else None,
-            "strategy": self.strategy.state_dict(), "initial": initial, "last": last,
-        }
-        Checkpoint(round_, {c.name: c.state for c in self.cohorts.values()}, self.ledger, state).save(self.run_dir)
-
-    def _restore(self, ck: Checkpoint) -> tuple[int, dict[str, Any], dict[str, Any]]:
-        """Continue from a checkpoint: adapters, counters, RNG, flags, ledger; the sites are
-        matched by name (their node ids change when processes restart)."""
-        st = ck.state
-        for name, cohort in self.cohorts.items():
-            saved = st["cohorts"].get(name)
-            if saved is None or name not in ck.adapters:
-                raise FederationError(f"the checkpoint has no state for cohort {name!r}; cannot resume")
-            missing = sorted(set(saved["sites"]) - set(cohort.nodes.values()))
-            if missing:
-                log.warning("resuming without site(s) %s of cohort %r", ", ".join(missing), name)
-            cohort.state = {k: np.array(v, dtype=np.float32) for k, v in ck.adapters[name].items()}
-            cohort.active, cohort.exhausted = bool(saved["active"]), set(saved["exhausted"])
-        self.bytes_up, self.bytes_down = int(st["bytes_up"]), int(st["bytes_down"])
-        self.rng.bit_generator.state = st["rng"]
-        if self.client_dp is not None and st.get("client_dp"):
-            self.client_dp.load_state_dict(st["client_dp"])
-        self.strategy.load_state_dict(st["strategy"])
-        self.ledger = PrivacyLedger(ck.ledger.events, ck.ledger.declarations)
-        self.run_dir.truncate_metrics(ck.round)
-        log.info("resuming after round %d", ck.round)
-        return ck.round, st["initial"], st["last"]
-
     def run(self, grid: Grid) -> dict[str, Any]:
         start = time.perf_counter()
         bytes_before = self.bytes_up
@@ -347,7 +319,7 @@ class Coordinator:
         rounds = self.cfg.train.rounds
         if self.resume is not None:
             discovery = self.bytes_up - bytes_before
-            done, initial, last = self._restore(self.resume)
+            done, initial, last = restore_checkpoint(self, self.resume)
             self.bytes_up += discovery  # the new discovery's replies count too
         else:
             for cohort in self.cohorts.values():
@@ -371,11 +343,14 @@ class Coordinator:
                 if self.cfg.privacy.dp or self.cfg.privacy.client_dp:
                     self.ledger.save(self.run_dir.path / "privacy_ledger.json")
                 last = line
-                self._checkpoint(r, initial, last)
+                save_checkpoint(self, r, initial, last)
                 accuracy = {c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None}
                 if accuracy:
                     bar.set_postfix(accuracy)
                 bar.update(1)
+                if not self.progress:
+                    log.info("round %d of %d done in %.1f s%s", r, rounds, line["seconds"],
+                             "".join(f", {c} accuracy {a}" for c, a in accuracy.items()))
         finally:
             bar.close()
         for cohort in self.cohorts.values():

@@ -137,3 +137,73 @@ clientapp = "fedlora.client.app:app"
 {cfg}
 """)
     return path
+
+
+FEDLORA = BIN / "fedlora"
+
+
+class Processes:
+    """``fedlora server`` / ``fedlora client`` processes of one test, each in its own session
+    (so that a kill reaches its whole group: SuperLink, SuperNode, Flower's helpers); on exit
+    every group is killed and nothing may be left running."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.groups: set[int] = set()
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                    "FLWR_HOME": str(root / "flwr-home-unused")}  # whatever Flower writes outside a run's own home lands here
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = self.logs / f"{name}.log"
+        proc = subprocess.Popen([str(FEDLORA), *args], stdout=log.open("a"), stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                                start_new_session=True)
+        self.procs[name] = proc
+        self.groups.add(proc.pid)
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.procs[name].pid, sig)
+        except ProcessLookupError:
+            pass
+        self.procs[name].wait(30)
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout} s; its log:\n{self.log(name)[-4000:]}") from None
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and live_processes(self.groups):
+            time.sleep(0.2)
+        for pgid in self.groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -1,0 +1,211 @@
+"""``fedlora client``: a data site's agent, beside its data.
+
+It checks what it can before connecting (the data file and its columns, the base model it
+holds, its key and the CA certificate), then runs two things until stopped:
+
+* a Flower SuperNode (``flower-supernode --isolation process``) connected to the coordinator's
+  SuperLink with TLS (``--root-cert``) and its site key (``--key``); the site's data path,
+  domain, privacy budget, model and device travel in the SuperNode's node config, which never
+  leaves the site;
+* the site's ClientApp, warm, in this process (``fedlora.client.worker``), executing the
+  messages the SuperNode receives.
+
+Connection problems are retried with exponential backoff (1 s, 2 s, ... at most 30 s) for up
+to ``--connect-timeout`` seconds without a connection, then reported with the reason read from
+the SuperNode (nothing listening, a certificate not signed by ``--root-cert``, a key the
+coordinator has not registered). A coordinator that restarts (``fedlora server --resume``) is
+reconnected to. The SuperNode's own log is kept in ``<state-dir>/supernode.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from fedlora.errors import ConfigError, DeploymentError
+from fedlora.processes import flower_env, free_port, parse_address, spawn, stop
+
+log = logging.getLogger("fedlora.client")
+
+# what the SuperNode prints, and what it means for the operator of this site
+_REASONS = [
+    (re.compile(r"Failed to activate SuperNode"),
+     "the coordinator refused this site's key: its public key is not registered there (the operator adds {name}.pub to the "
+     "coordinator's --certs folder and restarts it)"),
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED|certificate verify failed|unable to get local issuer", re.I),
+     "TLS: the coordinator's certificate is not signed by the CA in {root_cert} (wrong --root-cert?)"),
+    (re.compile(r"hostname mismatch|doesn't match|IP address mismatch", re.I),
+     "TLS: the coordinator's certificate does not name {host} (fedlora certs --hosts ...)"),
+    (re.compile(r"Connection refused|Errno 111|Name or service not known|timed out", re.I),
+     "nothing answers at {server} (is fedlora server running there, and the port open?)"),
+]
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    server: str
+    data: Path
+    domain: str
+    name: str
+    text_column: str = "text"
+    label_column: str = "label"
+    key: Path | None = None
+    root_cert: Path | None = None
+    insecure: bool = False
+    device: str = "auto"
+    epsilon: float = 0.0
+    model: str = ""
+    state_dir: Path = Path("fedlora-state")
+    connect_timeout: float = 300.0
+
+
+def check_site(opts: SiteOptions) -> None:
+    """Everything that can be checked without the coordinator; raises a FedloraError naming it."""
+    from fedlora.config import _NAME
+    from fedlora.model import model_fingerprint
+
+    from fedlora.server.certs import check_root_cert, check_site_key
+
+    from .data import load_labelled_texts
+
+    parse_address(opts.server, "--server")
+    if not _NAME.match(opts.domain):
+        raise ConfigError("--domain", opts.domain, "must be a cohort name: lower-case letters, digits, _ (the coordinator's cohorts)")
+    if opts.insecure == (opts.key is not None or opts.root_cert is not None):
+        raise ConfigError("--key", str(opts.key), "give --key and --root-cert (TLS, site authentication), or --insecure for neither")
+    if not opts.insecure:
+        if opts.key is None or opts.root_cert is None:
+            raise ConfigError("--root-cert" if opts.key else "--key", None, "both --key and --root-cert are needed")
+        check_site_key(opts.key)
+        check_root_cert(opts.root_cert)
+    if opts.epsilon < 0:
+        raise ConfigError("--epsilon", opts.epsilon, "must be positive (0: the coordinator's default budget)")
+    load_labelled_texts(str(opts.data), opts.text_column, opts.label_column, None)  # readable, columns present, not empty
+    if opts.model:
+        model_fingerprint(opts.model)
+
+
+def node_config(opts: SiteOptions) -> str:
+    items = {"domain": opts.domain, "site-name": opts.name, "data-path": str(opts.data.resolve()), "text-column": opts.text_column,
+             "label-column": opts.label_column, "state-dir": str(opts.state_dir.resolve()), "device": opts.device}
+    if opts.epsilon:
+        items["epsilon"] = str(opts.epsilon)
+    if opts.model:
+        items["model"] = opts.model if opts.model.startswith("packaged:") else str(Path(opts.model).resolve())
+    for k, v in items.items():
+        if '"' in v:
+            raise ConfigError(f"--{k}", v, "must not contain a double quote")
+    return " ".join(f'{k}="{v}"' for k, v in items.items())
+
+
+class SuperNode:
+    """One SuperNode process; its output goes to the site's log and is scanned for problems."""
+
+    def __init__(self, opts: SiteOptions, runtime_port: int, log_file: IO[str], wait: float) -> None:
+        args = ["flower-supernode", "--superlink", opts.server, "--isolation", "process", "--host", "127.0.0.1",
+                "--port", str(runtime_port), "--node-config", node_config(opts), "--max-wait-time", f"{max(wait, 1.0):.0f}"]
+        if opts.insecure:
+            args.append("--insecure")
+        else:
+            assert opts.key is not None and opts.root_cert is not None
+            args += ["--root-certificates", str(opts.root_cert.resolve()), "--auth-supernode-private-key", str(opts.key.resolve())]
+        self.connected = threading.Event()
+        self.reason = ""
+        self.proc = spawn(args, flower_env(opts.state_dir / "flower-home"), stdout=subprocess.PIPE, cwd=opts.state_dir)
+        self._reader = threading.Thread(target=self._read, args=(opts, log_file), daemon=True)
+        self._reader.start()
+
+    def _read(self, opts: SiteOptions, log_file: IO[str]) -> None:
+        assert self.proc.stdout is not None
+        host = opts.server.rpartition(":")[0]
+        for line in self.proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            if "SuperNode ID" in line:
+                self.connected.set()
+            for pattern, text in _REASONS:  # the last problem reported is the one that made it give up
+                if pattern.search(line):
+                    self.reason = text.format(name=opts.name, root_cert=opts.root_cert, host=host, server=opts.server)
+                    break
+
+    def wait(self, stopping: threading.Event) -> int:
+        while self.proc.poll() is None and not stopping.is_set():
+            stopping.wait(0.2)
+        if stopping.is_set():
+            stop(self.proc)
+        self._reader.join(5)
+        return int(self.proc.returncode or 0)
+
+
+def run_site(opts: SiteOptions, stopping: threading.Event | None = None, say=print) -> None:
+    """Run the site until stopped (SIGTERM, SIGINT or ``stopping``); raises DeploymentError when
+    the coordinator stays unreachable or refuses the site for ``connect_timeout`` seconds."""
+    from .app import make_client_app
+    from .worker import serve
+
+    check_site(opts)
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # the worker's retries while the SuperNode (re)connects are expected
+    stopping = stopping or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+    opts.state_dir.mkdir(parents=True, exist_ok=True)
+    runtime_port = free_port()
+    worker_stop = threading.Event()
+    worker = threading.Thread(target=serve, args=(f"127.0.0.1:{runtime_port}", make_client_app(device=opts.device), worker_stop),
+                              name="fedlora-clientapp", daemon=True)
+    backoff, deadline, started_worker = 1.0, time.monotonic() + opts.connect_timeout, False
+    mode = "INSECURE (no TLS, no site authentication)" if opts.insecure else "TLS, site key " + str(opts.key)
+    say(f"fedlora client: site {opts.name} (cohort {opts.domain}) connecting to {opts.server}, {mode}")
+    try:
+        with (opts.state_dir / "supernode.log").open("a") as log_file:
+            while not stopping.is_set():
+                node = SuperNode(opts, runtime_port, log_file, deadline - time.monotonic())
+                if not started_worker:
+                    _wait_listening(runtime_port, node)
+                    worker.start()
+                    started_worker = True
+                threading.Thread(target=_announce, args=(node, stopping, say, f"fedlora client: {opts.name} connected; waiting for work"),
+                                 daemon=True).start()
+                code = node.wait(stopping)
+                if stopping.is_set():
+                    break
+                if node.connected.is_set():  # it was in: the coordinator went away; a fresh window to reconnect
+                    backoff, deadline = 1.0, time.monotonic() + opts.connect_timeout
+                reason = node.reason or f"the SuperNode exited with status {code} (see {opts.state_dir / 'supernode.log'})"
+                if time.monotonic() + backoff > deadline:
+                    raise DeploymentError(f"site {opts.name} could not join the coordinator at {opts.server} within "
+                                          f"{opts.connect_timeout:.0f} s: {reason}")
+                say(f"fedlora client: {reason}; retrying in {backoff:.0f} s")
+                stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+    finally:
+        worker_stop.set()
+        if started_worker:
+            worker.join(10)
+    say(f"fedlora client: site {opts.name} stopped")
+
+
+def _announce(node: SuperNode, stopping: threading.Event, say, text: str) -> None:
+    while node.proc.poll() is None and not stopping.is_set():
+        if node.connected.wait(0.5):
+            say(text)
+            return
+
+
+def _wait_listening(port: int, node: SuperNode, timeout: float = 60.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and node.proc.poll() is None:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)

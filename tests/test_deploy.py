@@ -1,0 +1,269 @@
+"""A real deployment, end to end: `fedlora certs`, `fedlora server` (SuperLink with TLS and site
+authentication) and `fedlora client` processes (SuperNodes with the warm ClientApp) on loopback.
+
+* three sites (finance, medical, retail) complete a DP run whose run directory equals what
+  `fedlora simulate` writes for the same config, seed and data; meanwhile a site with an
+  unregistered key, a site trusting another CA and a registered site holding another base
+  model are all refused, each with a message naming the problem;
+* the coordinator is SIGKILLed mid-run and resumed: final adapters and epsilon equal to an
+  uninterrupted run (secure aggregation and DP on);
+* a site killed in the middle of a secure round: the round completes with the others;
+* an adapter of more than 200 MB makes the round trip.
+
+Each test checks that no process is left and that nothing was written to Flower's default
+home (FLWR_HOME points at a folder that must stay absent).
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+from safetensors.numpy import load_file
+
+from deployment import Processes, free_port, live_processes, wait_for
+from fedlora.simulation import demo_data
+
+FEDERATION = {"finance": 1, "medical": 1, "retail": 1}
+
+
+def write_run(tmp: Path, model: Path, cohorts: dict[str, int], **sections: dict) -> tuple[Path, dict[str, list[Path]]]:
+    """A RUN.toml and each site's data file, exactly the demo files `fedlora simulate` writes
+    for that config (same generator, seed and sizes)."""
+    doc = {"seed": 11, "model": {"source": str(model), "max_length": 32}, "lora": {"rank": 4, "alpha": 8.0},
+           "train": {"rounds": 2, "local_steps": 2, "batch_size": 8, "learning_rate": 0.01}, "demo": {"examples_per_site": 40},
+           "cohorts": {c: {"sites": n, "labels": list(demo_data.LABELS[c])} for c, n in cohorts.items()}}
+    for k, v in sections.items():
+        doc[k] = {**doc.get(k, {}), **v}
+    (tmp / "run.toml").write_text(tomli_w.dumps(doc))
+    files = {c: demo_data.write_cohort(tmp / "data", c, n, seed=11, examples_per_site=40, size_skew=0.5, label_skew=1.0)
+             for c, n in cohorts.items()}
+    return tmp / "run.toml", files
+
+
+def certs(p: Processes, out: Path, sites: list[str]) -> Path:
+    p.start(f"certs-{out.name}", "certs", "--out", str(out), "--sites", ",".join(sites))
+    assert p.wait(f"certs-{out.name}", 60) == 0
+    return out
+
+
+def site(p: Processes, label: str, domain: str, data: Path, port: int, keys: Path, *extra: str, ca: Path | None = None,
+         name: str | None = None):
+    """``fedlora client`` for site ``name`` (default: ``label``, the process's name in the test)."""
+    name = name or label
+    return p.start(label, "client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--domain", domain, "--name", name,
+                   "--key", str(keys / f"{name}.key"), "--root-cert", str(ca or keys / "ca.pem"), "--state-dir", str(p.root / "sites" / label),
+                   "--device", "cpu", *extra)
+
+
+def simulate(p: Processes, config: Path, out: Path) -> dict:
+    p.start("simulate", "simulate", "--config", str(config), "--out", str(out), "--quiet")
+    assert p.wait("simulate", 600) == 0, p.log("simulate")[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+def adapters(run: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {d.name: load_file(str(d / "adapter_model.safetensors")) for d in sorted((run / "adapters").iterdir())}
+
+
+def metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without wall-clock times."""
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        doc = json.loads(line)
+        doc.pop("seconds", None)
+        for c in doc["cohorts"].values():
+            for k in ("site_train_seconds", "site_eval_seconds"):
+                c.pop(k, None)
+        out.append(doc)
+    return out
+
+
+def assert_same_run(a: Path, b: Path, *, skip_round0_bytes: bool = False) -> None:
+    ma, mb = metrics(a), metrics(b)
+    if skip_round0_bytes:
+        for m in (ma[0], mb[0]):
+            m.pop("bytes_up"), m.pop("bytes_down")
+    assert ma == mb
+    aa, ab = adapters(a), adapters(b)
+    assert aa.keys() == ab.keys()
+    for cohort in aa:
+        assert aa[cohort].keys() == ab[cohort].keys()
+        for k in aa[cohort]:
+            np.testing.assert_array_equal(aa[cohort][k], ab[cohort][k], err_msg=f"{cohort} {k}")
+    sa, sb = (json.loads((r / "summary.json").read_text()) for r in (a, b))
+    assert sa["privacy"] == sb["privacy"]
+    assert {c: v["accuracy"] for c, v in sa["cohorts"].items()} == {c: v["accuracy"] for c, v in sb["cohorts"].items()}
+    assert json.loads((a / "sites.json").read_text()) == json.loads((b / "sites.json").read_text())
+
+
+def assert_clean(p: Processes) -> None:
+    assert live_processes(p.groups) == []
+    assert not (p.root / "flwr-home-unused").exists()  # nothing went to Flower's default home
+
+
+def test_certs_files_permissions_and_what_flower_reads(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from flwr.cli.supernode.register import try_load_public_key
+
+    from fedlora.errors import ConfigError
+    from fedlora.server.certs import check_server_certs, make_certs
+
+    r = make_certs(tmp_path / "c", ["coordinator.example.org", "10.0.0.5"], ["bank-a", "clinic-b"])
+    d = r.out
+    assert sorted(p.name for p in d.iterdir()) == sorted(["ca.pem", "ca.key", "server.pem", "server.key", "bank-a.key", "bank-a.pub",
+                                                          "clinic-b.key", "clinic-b.pub", "WHERE-FILES-GO.txt"])
+    for key in ("ca.key", "server.key", "bank-a.key", "clinic-b.key"):
+        assert stat.S_IMODE((d / key).stat().st_mode) == 0o600
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    cert = x509.load_pem_x509_certificate((d / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"coordinator.example.org", "localhost"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"10.0.0.5", "127.0.0.1"}
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate((d / "ca.pem").read_bytes()))
+    check_server_certs(d)
+    load_ssh_private_key((d / "bank-a.key").read_bytes(), None)  # what flower-supernode reads
+    assert try_load_public_key(d / "bank-a.pub")  # what `flwr supernode register` reads
+    assert "bank-a.key" in r.guide and "ca.key" in r.guide
+    # again with a new site: the CA and the other files are kept, the new pair added
+    before = (d / "ca.pem").read_bytes(), (d / "bank-a.key").read_bytes()
+    r2 = make_certs(d, ["coordinator.example.org"], ["bank-a", "shop-c"])
+    assert r2.created == ["shop-c.key", "shop-c.pub"] and (d / "ca.pem").read_bytes(), (d / "bank-a.key").read_bytes() == before
+    with pytest.raises(ConfigError, match="site name"):
+        make_certs(tmp_path / "bad", ["h"], ["../evil"])
+    other = make_certs(tmp_path / "other", ["h"], []).out
+    (d / "server.key").chmod(0o600)
+    (d / "server.key").write_bytes((other / "server.key").read_bytes())
+    with pytest.raises(ConfigError, match="does not belong to server.pem"):
+        check_server_certs(d)
+
+
+def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path, tmp_path: Path) -> None:
+    config, files = write_run(tmp_path, tiny_model, FEDERATION, privacy={"dp": True, "epsilon": 8.0})
+    other_model = tmp_path / "other-model"
+    other_model.mkdir()
+    for f in tiny_model.iterdir():
+        (other_model / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other_model / "config.json").read_text())
+    cfg["layer_norm_eps"] = 1e-7  # another model: same shapes, other content
+    (other_model / "config.json").write_text(json.dumps(cfg))
+    port = free_port()
+    with Processes(tmp_path) as p:
+        keys = certs(p, tmp_path / "certs", ["finance-1", "medical-1", "retail-1", "finance-9"])
+        strangers = certs(p, tmp_path / "strangers", ["finance-2"])
+        p.start("server", "server", "--config", str(config), "--address", f"127.0.0.1:{port}", "--certs", str(keys), "--out",
+                str(tmp_path / "run"), "--min-sites", "4", "--wait-timeout", "120")
+        for cohort, paths in files.items():
+            site(p, f"{cohort}-1", cohort, paths[0], port, keys)
+        site(p, "finance-9", "finance", files["finance"][0], port, keys, "--model", str(other_model))
+        site(p, "finance-2", "finance", files["finance"][0], port, strangers, "--connect-timeout", "5", ca=keys / "ca.pem")  # key not registered
+        site(p, "medical-1-bad-ca", "medical", files["medical"][0], port, keys, "--connect-timeout", "5", name="medical-1",
+             ca=strangers / "ca.pem")
+        assert p.wait("finance-2", 120) == 7
+        assert p.wait("medical-1-bad-ca", 120) == 7
+        assert p.wait("server", 600) == 0, p.log("server")[-4000:]
+        reference = simulate(p, config, tmp_path / "simulated")
+    assert_clean(p)
+    assert "refused this site's key" in p.log("finance-2") and "finance-2.pub" in p.log("finance-2")
+    assert "not signed by the CA" in p.log("medical-1-bad-ca")
+    assert "base model mismatch" in p.log("server") and "finance-9" in p.log("server")
+    assert "base model mismatch" in p.log("finance-9")
+    run = tmp_path / "run"
+    assert_same_run(run, tmp_path / "simulated", skip_round0_bytes=True)  # the query went to one more (refusing) site
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["privacy"]["sites"]["finance-1"]["epsilon"] == reference["privacy"]["sites"]["finance-1"]["epsilon"] > 0
+    assert not (run / ".flower").exists() and not (run / "error.json").exists()
+    assert "fedlora server: registered 4 site key(s)" in p.log("server")
+
+
+def test_coordinator_sigkilled_and_resumed_equals_an_uninterrupted_run(tiny_model: Path, tmp_path: Path) -> None:
+    config, files = write_run(tmp_path, tiny_model, {"finance": 3}, train={"rounds": 3},
+                              privacy={"dp": True, "epsilon": 8.0}, secure_aggregation={"stage_timeout": 60.0})
+    port = free_port()
+    run = tmp_path / "run"
+    with Processes(tmp_path) as p:
+        keys = certs(p, tmp_path / "certs", ["finance-1", "finance-2", "finance-3"])
+        serve = ("--address", f"127.0.0.1:{port}", "--certs", str(keys), "--wait-timeout", "120")
+        p.start("server", "server", "--config", str(config), "--out", str(run), *serve)
+        for i, path in enumerate(files["finance"], start=1):
+            site(p, f"finance-{i}", "finance", path, port, keys)
+        checkpoint = run / "checkpoint" / "state.json"
+        wait_for(lambda: checkpoint.is_file() and json.loads(checkpoint.read_text())["round"] == 1, 300, "round 1's checkpoint")
+        p.kill("server")  # SIGKILL to the coordinator's whole group: SuperLink and ServerApp included
+        assert not (run / "summary.json").exists()
+        p.start("server-resumed", "server", "--resume", str(run), *serve)
+        assert p.wait("server-resumed", 600) == 0, p.log("server-resumed")[-4000:]
+        simulate(p, config, tmp_path / "uninterrupted")
+    assert_clean(p)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_after_round"] == 1 and summary["cohorts"]["finance"]["secure_aggregation"] is True
+    assert_same_run(run, tmp_path / "uninterrupted", skip_round0_bytes=True)
+
+
+def test_site_killed_mid_secure_round_the_round_completes_with_the_rest(tiny_model: Path, tmp_path: Path) -> None:
+    config, files = write_run(tmp_path, tiny_model, {"finance": 3}, train={"rounds": 2},
+                              secure_aggregation={"stage_timeout": 30.0})
+    port = free_port()
+    run = tmp_path / "run"
+    with Processes(tmp_path) as p:
+        keys = certs(p, tmp_path / "certs", ["finance-1", "finance-2", "finance-3"])
+        p.start("server", "server", "--config", str(config), "--out", str(run), "--address", f"127.0.0.1:{port}", "--certs", str(keys))
+        for i, path in enumerate(files["finance"], start=1):
+            site(p, f"finance-{i}", "finance", path, port, keys)
+        victim_log = tmp_path / "sites" / "finance-3" / "supernode.log"
+        # round 1's train message reached the victim and its keys went back: now it holds a masked update
+        wait_for(lambda: victim_log.is_file() and "ROUND 1" in victim_log.read_text() and "train.secagg_share" in victim_log.read_text(),
+                 300, "finance-3 to reach stage 2 of round 1")
+        p.kill("finance-3")
+        assert p.wait("server", 600) == 0, p.log("server")[-4000:]
+    assert_clean(p)
+    line = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1]["cohorts"]["finance"]
+    assert line["sites_failed"] == ["finance-3"] and line["sites_trained"] == 2, line
+    assert "secure_aggregation_aborted" not in line
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 2
+
+
+def wide_bert(out: Path) -> Path:
+    """A random 2-layer BERT, 2048 wide (intermediate 4096), with the packaged tokenizer: LoRA of
+    rank 1024 on query, key, value and every dense layer has 61,440 x 1024 = 62.9M values (252 MB)."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from fedlora.config import PACKAGED_MODEL
+    from fedlora.model import resolve_model_path
+
+    BertModel(BertConfig(vocab_size=30522, hidden_size=2048, num_hidden_layers=2, num_attention_heads=16, intermediate_size=4096,
+                         max_position_embeddings=64)).save_pretrained(out)
+    src = resolve_model_path(PACKAGED_MODEL)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, out / name)
+    return out
+
+
+def test_an_adapter_of_200_mb_makes_the_round_trip(tmp_path: Path) -> None:
+    model = wide_bert(tmp_path / "wide-bert")
+    config, files = write_run(tmp_path, model, {"retail": 1}, lora={"rank": 1024, "alpha": 8.0, "target_modules": ["query", "key", "value", "dense"]},
+                              train={"rounds": 1, "local_steps": 1, "batch_size": 2, "eval_every": 1})
+    port = free_port()
+    run = tmp_path / "run"
+    with Processes(tmp_path) as p:
+        p.start("server", "server", "--config", str(config), "--out", str(run), "--address", f"127.0.0.1:{port}", "--insecure")
+        p.start("retail-1", "client", "--server", f"127.0.0.1:{port}", "--data", str(files["retail"][0]), "--domain", "retail",
+                "--name", "retail-1", "--insecure", "--state-dir", str(tmp_path / "sites" / "retail-1"))
+        assert p.wait("server", 600) == 0, p.log("server")[-4000:]
+    assert_clean(p)
+    assert "WARNING: --insecure" in p.log("server") and "WARNING: --insecure" in p.log("retail-1")
+    summary = json.loads((run / "summary.json").read_text())
+    adapter = run / "adapters" / "retail" / "adapter_model.safetensors"
+    assert adapter.stat().st_size > 200e6
+    assert summary["bytes_up"] > 200e6  # the trained update came back whole
+    line = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1]["cohorts"]["retail"]
+    assert line["sites_trained"] == 1 and line["sites_failed"] == []
+    initial = {k: v for k, v in load_file(str(adapter)).items() if "lora_B" in k}
+    assert any(np.abs(v).max() > 0 for v in initial.values())  # B starts at 0: the site's training arrived
