@@ -38,6 +38,7 @@ from fedlora.strategies import SiteUpdate, get_strategy
 
 from .checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
 from .cohort import Cohort, RoundReplies, weighted
+from .exchange import send_and_receive
 from .evaluation import NO_METRICS, clear_metrics, secure_metrics
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
@@ -68,11 +69,17 @@ class Coordinator:
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None = None) -> dict[int, Message]:
         """Send, wait for the replies (at most ``timeout`` seconds, default the round timeout),
-        and count every message's content bytes as downloaded and every reply's as uploaded."""
+        and count every message's content bytes as downloaded and every reply's as uploaded.
+        A site the grid no longer lists as online is not waited for (it counts as no reply)."""
+        online = set(grid.get_node_ids())
+        gone = [m for m in messages if m.metadata.dst_node_id not in online]
+        messages = [m for m in messages if m.metadata.dst_node_id in online]
         self.bytes_down += sum(content_bytes(m.content) for m in messages)
-        replies = grid.send_and_receive(messages, timeout=self.round_timeout if timeout is None else timeout)
+        replies = send_and_receive(grid, messages, timeout=self.round_timeout if timeout is None else timeout)
         out = {r.metadata.src_node_id: r for r in replies}
         self.bytes_up += sum(content_bytes(r.content) for r in out.values() if not r.has_error())
+        for m in gone:
+            log.warning("node %s is offline; left out of %s", m.metadata.dst_node_id, m.metadata.message_type)
         for m in messages:
             if m.metadata.dst_node_id not in out:
                 log.warning("no reply from node %s (%s) within the timeout", m.metadata.dst_node_id, m.metadata.message_type)

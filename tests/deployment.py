@@ -7,6 +7,7 @@ processes), so nothing outlives the test.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -73,9 +74,17 @@ class LocalDeployment:
                                   "--port", str(port), "--node-config", cfg])
         _wait_for_port(port, 60, proc, self.logs / f"{name}.log")
 
-    def run(self, project: Path, timeout: float) -> subprocess.CompletedProcess:
-        """``flwr run PROJECT --stream``: returns when the run ends (its ServerApp's output included)."""
-        return subprocess.run([str(BIN / "flwr"), "run", str(project), "--stream"], capture_output=True, text=True, env=self.env,
+    def site(self, name: str, domain: str, data: Path, state: Path) -> None:
+        """``fedlora client --insecure`` (SuperNode + warm ClientApp) for one site."""
+        self._start(name, ["fedlora", "client", "--insecure", "--server", f"127.0.0.1:{self.port}", "--domain", domain, "--name", name,
+                           "--data", str(data), "--state-dir", str(state)])
+
+    def run(self, project: Path, timeout: float, run_config: dict[str, object] | None = None) -> subprocess.CompletedProcess:
+        """``flwr run PROJECT --stream [--run-config ...]``: returns when the run ends (its ServerApp's output included)."""
+        extra = []
+        if run_config:
+            extra = ["--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())]
+        return subprocess.run([str(BIN / "flwr"), "run", str(project), "--stream", *extra], capture_output=True, text=True, env=self.env,
                               cwd=self.root, timeout=timeout)
 
     def __exit__(self, *exc: object) -> None:
@@ -109,34 +118,6 @@ def live_processes(groups: set[int]) -> list[str]:
         if pgrp in groups and state != "Z":
             out.append(f"{stat.parent.name} {name}")
     return out
-
-
-def flower_project(path: Path, run_config: dict[str, object]) -> Path:
-    """A minimal Flower App whose components are fedlora's installed ServerApp and ClientApp."""
-    path.mkdir(parents=True)
-    cfg = "\n".join(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in run_config.items())
-    (path / "pyproject.toml").write_text(f"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedloradeploytest"
-version = "1.0.0"
-description = "fedlora's apps, as installed"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedlora"
-
-[tool.flwr.app.components]
-serverapp = "fedlora.server.app:app"
-clientapp = "fedlora.client.app:app"
-
-[tool.flwr.app.config]
-{cfg}
-""")
-    return path
 
 
 FEDLORA = BIN / "fedlora"

@@ -1,5 +1,6 @@
-"""Secure aggregation between real processes: a Flower SuperLink and three SuperNodes on
-loopback, the run submitted with `flwr run`; the coordinator (fedlora's ServerApp in its own
+"""Secure aggregation between real processes, and Flower's convention `flwr run .`: a Flower
+SuperLink and three `fedlora client` sites (SuperNodes) on loopback, the run submitted with
+`flwr run <the repository>` (its pyproject's [tool.flwr.app]) and `--run-config`; the coordinator (fedlora's ServerApp in its own
 process) gets only the cohort's sums, the sites' protocol state lives in their SuperNodes'
 contexts across messages, and the run directory is what `fedlora simulate` writes."""
 
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import tomli_w
 
-from deployment import LocalDeployment, flower_project, live_processes
+from deployment import LocalDeployment, live_processes
 from fedlora.simulation import demo_data
+
+REPO = Path(__file__).resolve().parents[1]  # `flwr run .` from the repository root
 
 
 def test_secure_aggregation_between_superlink_and_supernode_processes(tiny_model: Path, tmp_path: Path) -> None:
@@ -22,12 +25,10 @@ def test_secure_aggregation_between_superlink_and_supernode_processes(tiny_model
         "train": {"rounds": 1, "local_steps": 2, "batch_size": 8}, "cohorts": {"finance": {"sites": 3}},
     }))
     out = tmp_path / "run"
-    project = flower_project(tmp_path / "app", {"config": str(config), "out": str(out), "min-sites": 3, "wait-timeout": 120.0})
     with LocalDeployment(tmp_path / "deploy") as d:
         for i, f in enumerate(files, start=1):
-            d.supernode(f"finance-{i}", {"domain": "finance", "site-name": f"finance-{i}", "data-path": str(f),
-                                         "state-dir": str(tmp_path / "state" / f"finance-{i}")})
-        done = d.run(project, timeout=900)
+            d.site(f"finance-{i}", "finance", f, tmp_path / "state" / f"finance-{i}")
+        done = d.run(REPO, timeout=900, run_config={"config": str(config), "out": str(out), "min-sites": 3, "wait-timeout": 120.0})
     assert live_processes({p.pid for p in d.procs}) == []  # SuperLink, SuperNodes and their children are gone
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
