@@ -9,8 +9,8 @@ synthetic demo data, the packaged pretrained model, LoRA). A TOML config (``--co
 describes the run and flags override it; the whole config is validated before any work.
 
 Exit codes: 0 done; 2 bad config or flags; 3 bad data; 4 model problem; 5 bad adapter
-payload; 6 the federation could not complete; 7 deployment (processes, connection,
-certificates, keys); 8 privacy budget; 130 interrupted.
+payload; 6 the federation could not complete; 7 a DP self-check failed; 8 privacy budget
+exhausted; 9 deployment (processes, connection, certificates, keys); 130 interrupted.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ What it does, in order (nothing is started before everything is checked):
 The ServerApp waits for the sites (``--min-sites``, ``--wait-timeout``), trains, checkpoints
 after every round and writes the run directory exactly as ``fedlora simulate`` does; it
 records a failure in ``RUN_DIR/error.json``, which this process turns into its exit status.
-Exit codes are the CLI's (0 done, 6 the federation failed, 7 deployment problems, 130
+Exit codes are the CLI's (0 done, 6 the federation failed, 9 deployment problems, 130
 interrupted: resume with ``fedlora server --resume RUN_DIR``).
 """
 

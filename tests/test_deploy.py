@@ -164,8 +164,8 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
         site(p, "finance-2", "finance", files["finance"][0], port, strangers, "--connect-timeout", "5", ca=keys / "ca.pem")  # key not registered
         site(p, "medical-1-bad-ca", "medical", files["medical"][0], port, keys, "--connect-timeout", "5", name="medical-1",
              ca=strangers / "ca.pem")
-        assert p.wait("finance-2", 120) == 7
-        assert p.wait("medical-1-bad-ca", 120) == 7
+        assert p.wait("finance-2", 120) == 9
+        assert p.wait("medical-1-bad-ca", 120) == 9
         assert p.wait("server", 600) == 0, p.log("server")[-4000:]
         reference = simulate(p, config, tmp_path / "simulated")
     assert_clean(p)
