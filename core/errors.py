@@ -51,7 +51,7 @@ class DeploymentError(FedloraError):
     """A deployment cannot start or connect: the coordinator's processes, an unreachable
     coordinator, certificates or keys it refuses."""
 
-    exit_code = 7
+    exit_code = 9
 
 
 class RunInterrupted(FedloraError):
