@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO
 
 from fedlora.errors import ConfigError, DeploymentError
-from fedlora.processes import flower_env, free_port, parse_address, spawn, stop
+from fedlora.processes import flower_env, free_port, parse_address, spawn, stop, wait_for_port
 
 log = logging.getLogger("fedlora.client")
 
@@ -169,7 +169,10 @@ def run_site(opts: SiteOptions, stopping: threading.Event | None = None, say=pri
             while not stopping.is_set():
                 node = SuperNode(opts, runtime_port, log_file, deadline - time.monotonic())
                 if not started_worker:
-                    _wait_listening(runtime_port, node)
+                    try:
+                        wait_for_port("127.0.0.1", runtime_port, 60, node.proc, lambda: "")
+                    except DeploymentError:
+                        pass  # the SuperNode died before serving: the loop below reports why and retries
                     worker.start()
                     started_worker = True
                 threading.Thread(target=_announce, args=(node, stopping, say, f"fedlora client: {opts.name} connected; waiting for work"),
@@ -198,14 +201,3 @@ def _announce(node: SuperNode, stopping: threading.Event, say, text: str) -> Non
         if node.connected.wait(0.5):
             say(text)
             return
-
-
-def _wait_listening(port: int, node: SuperNode, timeout: float = 60.0) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and node.proc.poll() is None:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)

@@ -69,9 +69,7 @@ def _open_run(rc: dict) -> tuple[RunConfig, RunDir, Checkpoint | None]:
     if not rc.get("out"):
         raise ConfigError("run config out", rc.get("out"), "the run directory is required (flwr run . --run-config 'out=\"PATH\"')")
     cfg = config_from_dict(apply_overrides(load_config(str(rc["config"]) if rc.get("config") else None), {"out": str(rc["out"])}))
-    run_dir = RunDir.create(cfg.out)
-    run_dir.write_toml("config.toml", cfg.to_dict() | {"out": str(run_dir.path)})
-    return cfg, run_dir, None
+    return cfg, RunDir.start(cfg), None
 
 
 def parse_registered(text: str) -> dict[int, str]:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedlora.config import RunConfig, config_from_dict, load_config
 from fedlora.errors import ConfigError, FederationError
 from fedlora.privacy.ledger import PrivacyLedger
 
@@ -117,3 +118,15 @@ def restore_checkpoint(co: Coordinator, ck: Checkpoint) -> tuple[int, dict[str, 
     co.run_dir.truncate_metrics(ck.round)
     log.info("resuming after round %d", ck.round)
     return ck.round, st["initial"], st["last"]
+
+
+def open_stopped_run(run_path: str | Path) -> tuple[RunConfig, RunDir, Checkpoint]:
+    """A stopped run to resume: its directory, the config it started with and its last
+    checkpoint; refuses a folder that is not a run, a completed run, or one without a checkpoint."""
+    run_dir = RunDir(Path(run_path))
+    if not (run_dir.path / "config.toml").is_file():
+        raise ConfigError("--resume", str(run_path), "is not a fedlora run directory (no config.toml)")
+    if (run_dir.path / "summary.json").exists():
+        raise ConfigError("--resume", str(run_path), "is a completed run (summary.json exists); nothing to resume")
+    checkpoint = Checkpoint.load(run_dir.path)
+    return config_from_dict(load_config(run_dir.path / "config.toml")), run_dir, checkpoint

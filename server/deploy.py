@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fedlora.config import RunConfig, config_from_dict, load_config
+import tomli_w
+
+from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DeploymentError, FederationError, FedloraError, RunInterrupted
 from fedlora.processes import flower_env, parse_address, spawn, stop, tail, wait_for_port
 
 from .certs import check_server_certs, site_public_keys
-from .checkpoint import Checkpoint
+from .checkpoint import open_stopped_run
 from .rundir import RunDir
 
 log = logging.getLogger("fedlora.server")
@@ -58,44 +60,16 @@ class ServerPlan:
     resume: bool
 
 
-def open_resume(run_path: str | Path) -> tuple[RunConfig, RunDir]:
-    """A stopped run's config and directory, checked: a config, a checkpoint, not complete."""
-    run_dir = RunDir(Path(run_path))
-    if not (run_dir.path / "config.toml").is_file():
-        raise ConfigError("--resume", str(run_path), "is not a fedlora run directory (no config.toml)")
-    if (run_dir.path / "summary.json").exists():
-        raise ConfigError("--resume", str(run_path), "is a completed run (summary.json exists); nothing to resume")
-    Checkpoint.load(run_dir.path)  # refuses a directory without a readable checkpoint
-    return config_from_dict(load_config(run_dir.path / "config.toml")), run_dir
-
-
 def flower_app_toml(run_config: dict[str, object]) -> str:
     """A Flower App (pyproject.toml) whose components are fedlora's installed apps."""
-    lines = []
-    for k, v in run_config.items():
-        lines.append(f"{k} = {json.dumps(v)}" if not isinstance(v, bool) else f"{k} = {str(v).lower()}")
-    cfg = "\n".join(lines)
-    return f"""[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedlora-run"
-version = "1.0.0"
-description = "fedlora's ServerApp and ClientApp, as installed"
-license = "Apache-2.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedlora"
-
-[tool.flwr.app.components]
-serverapp = "fedlora.server.app:app"
-clientapp = "fedlora.client.app:app"
-
-[tool.flwr.app.config]
-{cfg}
-"""
+    return tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "fedlora-run", "version": "1.0.0", "description": "fedlora's ServerApp and ClientApp, as installed",
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "fedlora",
+                                  "components": {"serverapp": "fedlora.server.app:app", "clientapp": "fedlora.client.app:app"},
+                                  "config": run_config}}},
+    })
 
 
 class Deployment:
@@ -115,10 +89,9 @@ class Deployment:
         shutil.rmtree(self.home, ignore_errors=True)  # a stale one from a killed run
         self.home.mkdir(parents=True)
         self.logs.mkdir(exist_ok=True)
-        conn = {"address": f"{self.local}:{self.plan.port}"}
-        conn.update({"insecure": True} if self.plan.certs is None else {"root-certificates": str((self.plan.certs / "ca.pem").resolve())})
-        body = "\n".join(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in conn.items())
-        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n{body}\n')
+        conn: dict[str, object] = {"address": f"{self.local}:{self.plan.port}"}
+        conn.update({"insecure": True} if self.plan.certs is None else {"root-certificates": str(self.plan.certs / "ca.pem")})
+        (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,9 +105,9 @@ class Deployment:
         if p.certs is None:
             args.append("--insecure")
         else:
-            files = check_server_certs(p.certs)
-            args += ["--ssl-certfile", str(files["cert"]), "--ssl-keyfile", str(files["key"]), "--ssl-ca-certfile", str(files["ca"]),
-                     "--enable-supernode-auth"]
+            # checked by plan_server; certs is an absolute path (the SuperLink runs in Flower's home folder)
+            args += ["--ssl-certfile", str(p.certs / "server.pem"), "--ssl-keyfile", str(p.certs / "server.key"),
+                     "--ssl-ca-certfile", str(p.certs / "ca.pem"), "--enable-supernode-auth"]
         log_path = self.logs / "superlink.log"
         proc = spawn(args, self.env, stdout=log_path.open("a"), cwd=self.home)
         self.procs.append(proc)
@@ -148,9 +121,7 @@ class Deployment:
     def register_sites(self) -> dict[int, str]:
         """Register every site public key of the certs folder; node id -> site name."""
         assert self.plan.certs is not None
-        keys = site_public_keys(self.plan.certs)
-        if not keys:
-            raise ConfigError("--certs", str(self.plan.certs), "holds no <site>.pub: no site could join (fedlora certs --sites ...)")
+        keys = site_public_keys(self.plan.certs)  # not empty: plan_server checked
         registered: dict[int, str] = {}
         for name, pub in keys.items():
             done = self.flwr("supernode", "register", str(pub.resolve()), CONNECTION, "--name", name, "--format", "json")
@@ -224,7 +195,9 @@ def serve(plan: ServerPlan, out: IO[str] = sys.stdout) -> dict:
 def plan_server(cfg: RunConfig | None, *, resume: str | None, address: str, certs: str | None, insecure: bool,
                 min_sites: int | None, wait_timeout: float) -> ServerPlan:
     """Check everything, then create (or reopen) the run directory."""
-    from fedlora.model import ModelSpec, get_runtime
+    import torch
+
+    from fedlora.model import LoraRuntime, ModelSpec
 
     from .app import deployment_labels
     from .secure_round import validate as validate_secure_aggregation
@@ -238,7 +211,7 @@ def plan_server(cfg: RunConfig | None, *, resume: str | None, address: str, cert
         if not site_public_keys(certs_dir):
             raise ConfigError("--certs", str(certs_dir), "holds no <site>.pub: no site could join (fedlora certs --sites ...)")
     if resume:
-        cfg, run_dir = open_resume(resume)
+        cfg, run_dir, _ = open_stopped_run(resume)
     assert cfg is not None
     deployment_labels(cfg)
     validate_secure_aggregation(cfg.secure_aggregation, {c.name: c.sites for c in cfg.cohorts})
@@ -247,10 +220,11 @@ def plan_server(cfg: RunConfig | None, *, resume: str | None, address: str, cert
     sites = int(min_sites) if min_sites else cfg.total_sites
     if sites < 1:
         raise ConfigError("--min-sites", min_sites, "must be at least 1")
-    get_runtime(ModelSpec.from_config(cfg), "cpu", "float32")  # the base model loads and has the LoRA targets
+    # the base model loads and has the LoRA targets; not kept (get_runtime would cache it in this process for
+    # the whole run, while the model the run uses lives in the ServerApp's process)
+    LoraRuntime(ModelSpec.from_config(cfg), torch.device("cpu"), torch.float32)
     if not resume:
         if not cfg.out:
             raise ConfigError("--out", None, "the run directory is required (fedlora server --out RUN_DIR)")
-        run_dir = RunDir.create(cfg.out)
-        run_dir.write_toml("config.toml", cfg.to_dict() | {"out": str(run_dir.path)})
+        run_dir = RunDir.start(cfg)
     return ServerPlan(cfg, run_dir, host, port, certs_dir, sites, wait_timeout, bool(resume))

@@ -27,6 +27,7 @@ from typing import Any
 
 import tomli_w
 
+from fedlora.config import RunConfig
 from fedlora.errors import ConfigError
 from fedlora.files import atomic_write
 
@@ -56,6 +57,13 @@ class RunDir:
         except OSError as e:
             raise ConfigError("out", str(p), f"cannot be created: {e.strerror}") from None
         return cls(p)
+
+    @classmethod
+    def start(cls, cfg: RunConfig) -> RunDir:
+        """A fresh run directory at ``cfg.out`` with the resolved config in ``config.toml``."""
+        run_dir = cls.create(cfg.out)
+        run_dir.write_toml("config.toml", cfg.to_dict() | {"out": str(run_dir.path)})
+        return run_dir
 
     def _atomic(self, name: str, write: Callable[[Path], None]) -> Path:
         return atomic_write(self.path / name, write)

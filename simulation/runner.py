@@ -18,11 +18,11 @@ from typing import Any
 from fedlora.client.app import make_client_app
 from fedlora.client.data import load_labelled_texts, shard, split_train_eval
 from fedlora.client.site import SiteSpec
-from fedlora.config import RunConfig, config_from_dict, load_config
+from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FederationError, RunInterrupted
 from fedlora.model import ModelSpec, get_runtime
 from fedlora.server.app import make_server_app
-from fedlora.server.checkpoint import Checkpoint
+from fedlora.server.checkpoint import Checkpoint, open_stopped_run
 from fedlora.server.rundir import RunDir, default_run_dir
 from fedlora.server.secure_round import validate as validate_secure_aggregation
 
@@ -108,8 +108,7 @@ def simulate(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict[str, 
     started = time.perf_counter()
     get_runtime(ModelSpec.from_config(cfg), cfg.model.device, cfg.model.dtype)  # loads the model, checks LoRA targets
     plan = plan_sites(cfg)
-    run_dir = RunDir.create(cfg.out or default_run_dir())
-    run_dir.write_toml("config.toml", cfg.to_dict() | {"out": str(run_dir.path)})
+    run_dir = RunDir.start(cfg if cfg.out else replace(cfg, out=str(default_run_dir())))
     sites = _write_demo_data(cfg, plan, run_dir)
     return _run(cfg, plan, run_dir, sites, None, progress, started)
 
@@ -118,13 +117,7 @@ def resume(run_path: str | Path, *, progress: bool = True) -> tuple[Path, dict[s
     """Continue a stopped simulation from its last checkpoint, with the config it started with.
     The result equals that of a run that never stopped (same adapters, metrics, epsilon)."""
     started = time.perf_counter()
-    run_dir = RunDir(Path(run_path))
-    if not (run_dir.path / "config.toml").is_file():
-        raise ConfigError("--resume", str(run_path), "is not a fedlora run directory (no config.toml)")
-    if (run_dir.path / "summary.json").exists():
-        raise ConfigError("--resume", str(run_path), "is a completed run (summary.json exists); nothing to resume")
-    cfg = config_from_dict(load_config(run_dir.path / "config.toml"))
-    checkpoint = Checkpoint.load(run_dir.path)
+    cfg, run_dir, checkpoint = open_stopped_run(run_path)
     get_runtime(ModelSpec.from_config(cfg), cfg.model.device, cfg.model.dtype)
     plan = plan_sites(cfg)
     sites = _write_demo_data(cfg, plan, run_dir, write=False)

@@ -10,35 +10,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s:\n{log.read_text()[-3000:]}")
+from fedlora.processes import BIN, flower_env, free_port, tail, wait_for_port
 
 
 class LocalDeployment:
-    """``with LocalDeployment(tmp) as d: d.supernode(...); d.run(project)``: insecure loopback."""
+    """``with LocalDeployment(tmp) as d: d.site(...); d.run(project)``: an insecure SuperLink on loopback."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -46,9 +26,7 @@ class LocalDeployment:
         self.logs = root / "logs"
         self.port = free_port()
         self.procs: list[subprocess.Popen] = []
-        # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) by name: the venv's bin first
-        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(self.home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "PYTHONUNBUFFERED": "1"}
+        self.env = flower_env(self.home)
 
     def _start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = self.logs / f"{name}.log"
@@ -64,15 +42,8 @@ class LocalDeployment:
             f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
         proc = self._start("superlink", ["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
                                          "--disable-runtime-dependency-installation"])
-        _wait_for_port(self.port, 60, proc, self.logs / "superlink.log")
+        wait_for_port("127.0.0.1", self.port, 60, proc, lambda: tail(self.logs / "superlink.log"))
         return self
-
-    def supernode(self, name: str, node_config: dict[str, str]) -> None:
-        cfg = " ".join(f'{k}="{v}"' for k, v in node_config.items())
-        port = free_port()
-        proc = self._start(name, ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
-                                  "--port", str(port), "--node-config", cfg])
-        _wait_for_port(port, 60, proc, self.logs / f"{name}.log")
 
     def site(self, name: str, domain: str, data: Path, state: Path) -> None:
         """``fedlora client --insecure`` (SuperNode + warm ClientApp) for one site."""
