@@ -2,20 +2,27 @@
 
 Every child dies with its parent: on Linux it is started with ``PR_SET_PDEATHSIG`` (SIGTERM
 when the parent exits, even by SIGKILL), and the parent stops its children (SIGTERM, then
-SIGKILL after a grace period) on every way out. Flower's own helpers (``flower-superexec``,
-``flwr-serverapp``) watch their parent's pid and exit with it.
+SIGKILL after a grace period) on every way out, and with each child whatever that child
+started (Flower's ``flower-superexec`` and ``flwr-serverapp``, which watch their parent's pid
+and exit with it, normally on their own).
+
+Processes are known by identity: a pid and its start time (``/proc/<pid>/stat`` field 22). A
+pid is reused once its process is reaped; the pair is not, so a signal never reaches a
+process that merely inherited a pid (it is sent through a pidfd opened on the checked process).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -31,28 +38,206 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl: no signal will come
+            os._exit(128 + signal.SIGTERM)
 
 
 def spawn(args: Sequence[str], env: Mapping[str, str], *, stdout: IO | int | None, cwd: Path | None = None) -> subprocess.Popen:
     """Start a Flower program from this venv's bin; it dies with this process."""
     exe = BIN / args[0]
     return subprocess.Popen([str(exe if exe.exists() else args[0]), *args[1:]], stdout=stdout, stderr=subprocess.STDOUT, env=dict(env),
-                            cwd=cwd, preexec_fn=_die_with_parent, text=stdout == subprocess.PIPE)
+                            cwd=cwd, preexec_fn=functools.partial(_die_with_parent, os.getpid()), text=stdout == subprocess.PIPE)
+
+
+KILL_WAIT = 30.0  # seconds to wait for a SIGKILLed process to be gone: a loaded machine is slow to tear down a big one
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
+    """Stop ``proc`` and its descendants: SIGTERM, wait up to ``grace`` seconds, SIGKILL, wait up
+    to ``KILL_WAIT`` seconds; then the same for the descendants it leaves running. Bounded, and
+    never raises for a process that is slow to go (a SIGKILLed one is the kernel's to finish)."""
+    family = ProcessSet(descendants(proc.pid)) if proc.poll() is None else ProcessSet()
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            try:
+                proc.wait(KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                pass
+    family.terminate(grace, KILL_WAIT)
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """One process as ``/proc/<pid>/stat`` shows it; ``key`` (pid, start time) identifies it."""
+
+    pid: int
+    ppid: int
+    pgrp: int
+    session: int
+    state: str  # R, S, D, Z (zombie: exited, waiting for its parent's wait), T, ...
+    start: int  # clock ticks after boot
+    name: str
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.pid, self.start
+
+    def describe(self) -> str:
+        """``pid 123 (state S, parent 45): /path/to/program args`` (the name for a zombie)."""
+        try:
+            cmd = Path(f"/proc/{self.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            cmd = ""
+        return f"pid {self.pid} (state {self.state}, parent {self.ppid}): {cmd or '[' + self.name + ']'}"
+
+
+def _parse_stat(text: str) -> ProcInfo:
+    name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+    return ProcInfo(pid=int(text[:text.index(" ")]), ppid=int(rest[1]), pgrp=int(rest[2]), session=int(rest[3]), state=rest[0],
+                    start=int(rest[19]), name=name)
+
+
+def proc_info(pid: int) -> ProcInfo | None:
+    """The process ``pid`` now, or None when there is none (or no /proc: not Linux)."""
     try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            return _parse_stat(f.read())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_table() -> dict[int, ProcInfo]:
+    """Every process now, by pid (empty without /proc)."""
+    out: dict[int, ProcInfo] = {}
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return out
+    with entries:
+        for e in entries:
+            if e.name.isdigit() and (info := proc_info(int(e.name))) is not None:
+                out[info.pid] = info
+    return out
+
+
+def descendants(pid: int, table: Mapping[int, ProcInfo] | None = None) -> list[ProcInfo]:
+    """The children of ``pid``, their children, and so on (by parent pid, in one look at /proc)."""
+    table = proc_table() if table is None else table
+    children: dict[int, list[ProcInfo]] = {}
+    for p in table.values():
+        children.setdefault(p.ppid, []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child.pid)
+    return out
+
+
+def send_signal(info: ProcInfo, sig: int) -> bool:
+    """Send ``sig`` to the process ``info`` names, never to another one that got its pid since;
+    False when it is gone (or not this user's)."""
+    try:
+        fd = os.pidfd_open(info.pid)
+    except (ProcessLookupError, PermissionError):
+        return False
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): check, then signal by pid
+        fd = -1
+    try:
+        now = proc_info(info.pid)
+        if now is None or now.start != info.start:
+            return False
+        if fd >= 0:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(info.pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+class ProcessSet:
+    """A set of processes known by identity that grows by descent: on each ``look()`` at /proc,
+    a process whose parent is a member joins (with ``follow_sessions``, also one in a member's
+    session), so children started meanwhile are counted too.
+
+    A member is alive while its pid is there with its start time and it is not a zombie. A
+    zombie has exited: it counts as gone, except a zombie that is this process's child: that
+    one is handed to ``reap`` (which must wait for it: e.g. ``Popen.poll`` for a Popen child)
+    and is alive until reaped. Without ``reap`` every zombie counts as gone.
+    """
+
+    def __init__(self, members: Iterable[ProcInfo] = (), *, follow_sessions: bool = False,
+                 reap: Callable[[ProcInfo], None] | None = None) -> None:
+        self.members: dict[tuple[int, int], ProcInfo] = {}
+        self.follow_sessions, self.reap = follow_sessions, reap
+        for m in members:
+            self.add(m)
+
+    def add(self, info: ProcInfo) -> None:
+        self.members.setdefault(info.key, info)
+
+    def look(self) -> list[ProcInfo]:
+        """Read /proc once: take in new descendants, reap our zombie members; the live members."""
+        table = proc_table()
+        me = os.getpid()
+        present = {p.key: p for p in table.values() if p.key in self.members}
+        grew = True
+        while grew:  # a child and its own child can both be new
+            grew = False
+            sessions = {p.session for p in present.values()} if self.follow_sessions else set()
+            for p in table.values():
+                if p.key in present or p.pid == me:
+                    continue
+                parent = table.get(p.ppid)
+                if (parent is not None and parent.key in present) or p.session in sessions:
+                    self.add(p)
+                    present[p.key] = p
+                    grew = True
+        alive = []
+        for p in present.values():
+            if p.state == "Z":
+                if p.ppid != me or self.reap is None:
+                    continue  # exited; only another parent's wait is missing
+                self.reap(p)
+                now = proc_info(p.pid)
+                if now is None or now.key != p.key:
+                    continue
+            alive.append(present[p.key])
+        return alive
+
+    def signal(self, sig: int, alive: Iterable[ProcInfo] | None = None) -> None:
+        for p in self.look() if alive is None else alive:
+            send_signal(p, sig)
+
+    def wait_gone(self, timeout: float, poll: float = 0.1) -> list[ProcInfo]:
+        """Look until no member is alive or ``timeout`` seconds have passed; the ones left."""
+        deadline = time.monotonic() + timeout
+        while (alive := self.look()) and time.monotonic() < deadline:
+            time.sleep(poll)
+        return alive
+
+    def terminate(self, grace: float, kill_wait: float = KILL_WAIT) -> list[ProcInfo]:
+        """SIGTERM every live member, wait up to ``grace`` s; SIGKILL the rest, wait up to
+        ``kill_wait`` s. Returns the members still alive after that (normally none)."""
+        alive = self.look()
+        if not alive:
+            return []
+        self.signal(signal.SIGTERM, alive)
+        if not (alive := self.wait_gone(grace)):
+            return []
+        self.signal(signal.SIGKILL, alive)
+        return self.wait_gone(kill_wait)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

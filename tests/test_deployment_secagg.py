@@ -29,7 +29,7 @@ def test_secure_aggregation_between_superlink_and_supernode_processes(tiny_model
         for i, f in enumerate(files, start=1):
             d.site(f"finance-{i}", "finance", f, tmp_path / "state" / f"finance-{i}")
         done = d.run(REPO, timeout=900, run_config={"config": str(config), "out": str(out), "min-sites": 3, "wait-timeout": 120.0})
-    assert live_processes({p.pid for p in d.procs}) == []  # SuperLink, SuperNodes and their children are gone
+    assert live_processes(d.tree) == []  # SuperLink, SuperNodes and every process they started are gone
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cohorts"]["finance"]["secure_aggregation"] is True
