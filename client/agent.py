@@ -61,6 +61,10 @@ class SiteOptions:
     insecure: bool = False
     device: str = "auto"
     epsilon: float = 0.0
+    delta: float = 0.0
+    accountant: str = ""
+    eval_metrics: str = "site"
+    public_size: int = 0
     model: str = ""
     state_dir: Path = Path("fedlora-state")
     connect_timeout: float = 300.0
@@ -87,16 +91,40 @@ def check_site(opts: SiteOptions) -> None:
         check_root_cert(opts.root_cert)
     if opts.epsilon < 0:
         raise ConfigError("--epsilon", opts.epsilon, "must be positive (0: the coordinator's default budget)")
+    if not 0 <= opts.delta < 0.1:
+        raise ConfigError("--delta", opts.delta, "must be in (0, 0.1) (0: automatic)")
+    if opts.public_size < 0:
+        raise ConfigError("--public-size", opts.public_size, "must be a positive number of records (0: automatic)")
     load_labelled_texts(str(opts.data), opts.text_column, opts.label_column, None)  # readable, columns present, not empty
     if opts.model:
         model_fingerprint(opts.model)
 
 
+def key_identity(key: Path | None) -> str:
+    """The site's identity for its privacy ledger: the SHA-256 fingerprint of its public key (the
+    key the coordinator registered), so that renaming the site never resets its spend."""
+    if key is None:
+        return ""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_ssh_private_key(key.read_bytes(), None)
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return "key:sha256:" + hashlib.sha256(public).hexdigest()[:32]
+
+
 def node_config(opts: SiteOptions) -> str:
     items = {"domain": opts.domain, "site-name": opts.name, "data-path": str(opts.data.resolve()), "text-column": opts.text_column,
              "label-column": opts.label_column, "state-dir": str(opts.state_dir.resolve()), "device": opts.device}
-    if opts.epsilon:
-        items["epsilon"] = str(opts.epsilon)
+    for key, value in (("epsilon", opts.epsilon), ("delta", opts.delta), ("accountant", opts.accountant),
+                       ("public-size", opts.public_size)):
+        if value:
+            items[key] = str(value)
+    items["eval-metrics"] = opts.eval_metrics
+    identity = key_identity(opts.key)
+    if identity:
+        items["identity"] = identity
     if opts.model:
         items["model"] = opts.model if opts.model.startswith("packaged:") else str(Path(opts.model).resolve())
     for k, v in items.items():

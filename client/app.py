@@ -1,24 +1,22 @@
 """The fedlora ClientApp (Flower Message API): what a data site does when asked.
 
-Message types and their records:
+Every record it reads or writes is declared in ``fedlora.protocol`` (message types, records,
+keys, and which release each key a site sends is). In short:
 
-* ``query``    <- ``ConfigRecord "config"`` (the model spec, with the base model's name and hash);
-                  -> reply ``ConfigRecord "site"``: ``name``, ``cohort``; a site holding another base model refuses.
-* ``train``    <- ``ArrayRecord "adapter"`` (the cohort's global adapter, wire dtype),
-                  ``ConfigRecord "config"`` (round, cohort, labels, seed, model spec, local
-                  training settings, wire dtype);
-               -> ``ArrayRecord "update"`` (trained minus global, wire dtype),
-                  ``MetricRecord "metrics"``: num_examples, train_loss, steps, train_seconds;
-                  with DP also ``ConfigRecord "privacy_event"`` (the round's DpSgdEvent) and
-                  ``ConfigRecord "privacy"``: epsilon_spent, budget_epsilon, delta, delta_rule. A round that would exceed
-                  the site's budget is refused (error code 4202, ``BudgetExhausted``).
-* ``evaluate`` <- the same records; -> ``MetricRecord "metrics"``: eval_loss, accuracy,
-                  num_examples, label_counts, eval_seconds.
-* secure aggregation (a ``ConfigRecord "secagg"`` beside the config: round id, the site's
-  neighbours, threshold, modulus, quantiser): ``train`` and ``evaluate`` reply with
-  ``ConfigRecord "secagg"`` (two public keys) instead of the update or the metrics, which stay
-  at the site, masked, until ``<kind>.secagg_share`` / ``_masked`` / ``_unmask`` (stages 2-4,
-  ``fedlora.client.secagg_site``); the privacy event still travels with the keys.
+* ``query``    <- the model spec; -> ``SiteInfo`` (name, cohort); a site holding another base model refuses.
+* ``train``    <- the cohort's global adapter, the public ``RoundPlan``, the coordinator's ``PrivacyAsk``
+               (a request: the site applies the more private of it and its own ``SitePolicy``,
+               ``fedlora.privacy.policy``) and ``ClientDpAsk``;
+               -> the update and ``TrainMetrics``. Under DP: the site's public size instead of its
+               exact count, no train loss, no timing, plus the round's privacy event and the site's
+               ``PrivacyStatus``; a round past the budget is refused (code 4202), a request for
+               less privacy than the policy allows too (code 4203), and nothing is released.
+* ``evaluate`` <- the same; -> ``EvalMetrics``. Under DP the site's policy decides: ``site`` (default:
+               the metrics stay in the site's log and state folder, the reply says so), ``noised``
+               (Gaussian noise, charged to the ledger) or ``public`` (exact, outside the guarantee).
+* secure aggregation (``SecAggSetup`` beside the config): ``train`` and ``evaluate`` reply with the
+  site's public keys instead of the update or the metrics, which stay at the site, masked, until
+  ``<kind>.secagg_share`` / ``_masked`` / ``_unmask`` (``fedlora.client.secagg_site``).
 
 A problem at the site (bad data, wrong cohort, non-finite update) becomes an error reply
 whose reason names it; the coordinator logs it and aggregates without that site.
@@ -26,6 +24,7 @@ whose reason names it; the coordinator logs it and aggregates without that site.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -34,14 +33,19 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.errors import BUDGET_EXHAUSTED_CODE, SITE_ERROR_CODE, FedloraError
+from fedlora.errors import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE, SITE_ERROR_CODE, FedloraError, ProtocolError
+from fedlora.files import append_line
 from fedlora.model import LoraRuntime, ModelSpec, get_runtime
+from fedlora.privacy import eval_release
+from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, effective_privacy
+from fedlora.protocol import (ClientDpAsk, EvalKept, EvalMetrics, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, arrays,
+                              read, record_of)
 from fedlora.records import from_record, to_record
 from fedlora.task import EncodedExamples
 
 from .data import load_labelled_texts, shard, split_train_eval
 from . import secagg_site
-from .privacy_site import BudgetExhausted, client_level_update, private_round
+from .privacy_site import BudgetExhausted, client_level_update, private_eval_noise, private_round
 from .site import SiteSpec
 from .trainer import LocalTrainSettings, evaluate_local, train_local
 
@@ -60,7 +64,8 @@ _DATA_CACHE: dict[tuple, SiteData] = {}
 
 def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed: int, eval_fraction: float) -> SiteData:
     """Load, validate, split and tokenise a site's data once per process."""
-    key = (site, tuple(labels), str(runtime.path), runtime.spec.max_length, seed, eval_fraction)
+    key = (site.name, site.cohort, site.data_path, site.text_column, site.label_column, site.shard_index, site.shard_count,
+           tuple(labels), str(runtime.path), runtime.spec.max_length, seed, eval_fraction)
     if key not in _DATA_CACHE:
         data, label_list = load_labelled_texts(site.data_path, site.text_column, site.label_column, labels)
         if site.shard_count > 1:
@@ -82,11 +87,20 @@ def site_model(cfg: ConfigRecord, site: SiteSpec) -> ModelSpec:
     return spec
 
 
-def _settings(cfg: ConfigRecord) -> LocalTrainSettings:
-    return LocalTrainSettings(local_steps=int(cfg["train.local_steps"]), local_epochs=float(cfg["train.local_epochs"]),
-                              batch_size=int(cfg["train.batch_size"]), optimizer=str(cfg["train.optimizer"]),
-                              learning_rate=float(cfg["train.learning_rate"]), weight_decay=float(cfg["train.weight_decay"]),
-                              max_grad_norm=float(cfg["train.max_grad_norm"]))
+def _settings(plan: RoundPlan) -> LocalTrainSettings:
+    return LocalTrainSettings(local_steps=plan.local_steps, local_epochs=plan.local_epochs, batch_size=plan.batch_size,
+                              optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_decay=plan.weight_decay,
+                              max_grad_norm=plan.max_grad_norm)
+
+
+def _keep_metrics(site: SiteSpec, round_: int, res) -> None:
+    """Policy ``eval_metrics = "site"``: the metrics go to the site's own log and state folder only."""
+    log.info("site %s round %d: eval accuracy %.4f, loss %.4f on %d records (kept at this site)", site.name, round_, res.accuracy,
+             res.loss, res.num_examples)
+    if site.state_dir:
+        append_line(Path(site.state_dir) / "eval_metrics.jsonl", json.dumps(
+            {"round": round_, "cohort": site.cohort, "site": site.name, "eval_loss": res.loss, "accuracy": res.accuracy,
+             "num_examples": res.num_examples, "label_counts": list(res.label_counts)}, sort_keys=True))
 
 
 def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "auto", dtype: str = "auto") -> ClientApp:
@@ -108,62 +122,88 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             except FedloraError as e:
                 budget = isinstance(e, BudgetExhausted)  # expected once a budget is spent: not an error
                 log.log(logging.WARNING if budget else logging.ERROR, "site %s refused %s: %s", site.name, msg.metadata.message_type, e)
-                code = BUDGET_EXHAUSTED_CODE if budget else SITE_ERROR_CODE
+                code = (BUDGET_EXHAUSTED_CODE if budget else POLICY_REFUSED_CODE if isinstance(e, PolicyRefused)
+                        else PROTOCOL_ERROR_CODE if isinstance(e, ProtocolError) else SITE_ERROR_CODE)
                 return Message(Error(code=code, reason=f"site {site.name}: {e}"), reply_to=msg)
 
         return run
 
-    def prepare(msg: Message, site: SiteSpec) -> tuple[LoraRuntime, ConfigRecord, SiteData, dict]:
-        cfg = msg.content["config"]
-        if str(cfg["cohort"]) != site.cohort:
-            raise FedloraError(f"asked to work for cohort {cfg['cohort']!r}, but this site belongs to {site.cohort!r}")
-        runtime = get_runtime(site_model(cfg, site), site.device or device, dtype)
-        labels = list(cfg["labels"])
-        data = site_data(site, labels, runtime, int(cfg["seed"]), float(cfg["train.eval_fraction"]))
-        state, _ = from_record(msg.content["adapter"], runtime.adapter_shapes(len(labels)))
-        return runtime, cfg, data, state
+    def prepare(msg: Message, site: SiteSpec) -> tuple[LoraRuntime, RoundPlan, EffectivePrivacy, SiteData, dict]:
+        kind = msg.metadata.message_type
+        plan = read(RoundPlan, msg.content, kind)
+        if plan.cohort != site.cohort:
+            raise FedloraError(f"asked to work for cohort {plan.cohort!r}, but this site belongs to {site.cohort!r}")
+        eff = effective_privacy(site.policy, read(PrivacyAsk, msg.content, kind))  # refuses a request for less privacy
+        runtime = get_runtime(site_model(msg.content["config"], site), site.device or device, dtype)
+        data = site_data(site, list(plan.labels), runtime, plan.seed, plan.eval_fraction)
+        state, _ = from_record(arrays(msg.content, "adapter", kind), runtime.adapter_shapes(len(plan.labels)))
+        return runtime, plan, eff, data, state
+
+    def secagg_setup(msg: Message) -> SecAggSetup | None:
+        return read(SecAggSetup, msg.content, msg.metadata.message_type) if "secagg" in msg.content else None
 
     def query(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         if "config" in msg.content:  # the coordinator names its base model: refuse to join with another
             site_model(msg.content["config"], site)
-        return RecordDict({"site": ConfigRecord({"name": site.name, "cohort": site.cohort})})
+        return RecordDict({SiteInfo.record: record_of(SiteInfo(name=site.name, cohort=site.cohort))})
 
     def train(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
-        runtime, cfg, data, state = prepare(msg, site)
+        runtime, plan, eff, data, state = prepare(msg, site)
+        ask = read(ClientDpAsk, msg.content, "train")
+        setup = secagg_setup(msg)
         privacy: tuple[dict, dict] | None = None
-        if bool(cfg.get("privacy.dp", False)):
-            budget = site.budget_epsilon or float(cfg["privacy.epsilon"])
-            result, *privacy = private_round(runtime, cfg, ctx, data.train, state, _settings(cfg), site=site.name, cohort=site.cohort,
-                                            num_labels=len(data.labels), budget_epsilon=budget,
-                                            state_file=Path(site.state_dir) / "privacy.json" if site.state_dir else None)
+        if eff.dp:
+            result, *privacy = private_round(runtime, plan, eff, ctx, data.train, state, _settings(plan), site=site,
+                                            num_labels=len(data.labels))
         else:
-            result = train_local(runtime, state, data.train, _settings(cfg), seed=int(cfg["seed"]), site=site.name,
-                                 cohort=site.cohort, num_labels=len(data.labels), round_=int(cfg["round"]))
-        delta, extra = result.delta, {}
-        client_dp = bool(cfg.get("privacy.client_dp", False))
-        if client_dp:
-            delta, extra["update_unclipped"] = client_level_update(delta, cfg, site=site.name)
-        if "secagg" in msg.content:  # the update stays here, masked, until stage 3
-            vector = secagg_site.train_vector(msg.content["secagg"], delta, result.num_examples, result.train_loss, weight=1.0 if client_dp else None,
-                                              unclipped=int(extra.get("update_unclipped", 0)))
-            content = secagg_site.begin(ctx, msg.content["secagg"], vector)
+            result = train_local(runtime, state, data.train, _settings(plan), seed=plan.seed, site=site.name,
+                                 cohort=site.cohort, num_labels=len(data.labels), round_=plan.round)
+        delta, unclipped = result.delta, None
+        if ask.client_dp:
+            delta, unclipped = client_level_update(delta, ask, site=site, plan=plan)
+        loss = None if eff.dp else result.train_loss  # under DP the loss stays at the site
+        if setup is not None:  # the update stays here, masked, until stage 3
+            vector = secagg_site.train_vector(setup, delta, result.num_examples, 0.0 if loss is None else loss,
+                                              weight=1.0 if ask.client_dp else None, unclipped=int(unclipped or 0))
+            content = secagg_site.begin(ctx, setup, vector)
         else:
-            update, _ = to_record(delta, str(cfg["wire_dtype"]))
-            metrics = MetricRecord({"num_examples": result.num_examples, "train_loss": result.train_loss,
-                                    "steps": result.steps, "train_seconds": result.seconds, **extra})
-            content = RecordDict({"update": update, "metrics": metrics})
+            update, _ = to_record(delta, plan.wire_dtype)
+            metrics = TrainMetrics(num_examples=result.num_examples, steps=result.steps, train_loss=loss,
+                                   train_seconds=None if eff.dp else result.seconds, update_unclipped=unclipped)
+            content = RecordDict({"update": update, TrainMetrics.record: record_of(metrics)})
         if privacy is not None:
             content["privacy_event"], content["privacy"] = ConfigRecord(privacy[0]), ConfigRecord(privacy[1])
+        if eff.dp:
+            log.info("site %s round %d: trained with DP, epsilon %.3f of %g spent", site.name, plan.round,
+                     float(privacy[1]["epsilon_spent"]), float(privacy[1]["budget_epsilon"]))
         return content
 
     def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
-        runtime, cfg, data, state = prepare(msg, site)
-        res = evaluate_local(runtime, state, data.eval, seed=int(cfg["seed"]), cohort=site.cohort, num_labels=len(data.labels))
-        if "secagg" in msg.content:  # the metrics stay here, masked, until stage 3
-            return secagg_site.begin(ctx, msg.content["secagg"], secagg_site.metrics_vector(res.loss, res.accuracy, res.num_examples, list(res.label_counts)))
-        return RecordDict({"metrics": MetricRecord({"eval_loss": res.loss, "accuracy": res.accuracy,
-                                                    "num_examples": res.num_examples, "label_counts": res.label_counts,
-                                                    "eval_seconds": res.seconds})})
+        runtime, plan, eff, data, state = prepare(msg, site)
+        setup = secagg_setup(msg)
+        res = evaluate_local(runtime, state, data.eval, seed=plan.seed, cohort=site.cohort, num_labels=len(data.labels))
+        mode = eff.eval_metrics if eff.dp else "public"
+        if mode == "site":
+            _keep_metrics(site, plan.round, res)
+            return RecordDict({EvalKept.record: record_of(EvalKept())})
+        privacy = None
+        values = eval_release.metric_vector(res.loss_sum_capped, int(round(res.accuracy * res.num_examples)), list(res.label_counts))
+        if mode == "noised":
+            values, *privacy = private_eval_noise(plan, eff, ctx, len(data.train), _settings(plan), site=site, values=values)
+            shown = eval_release.read(values)
+            loss, accuracy, n, counts, seconds = shown.eval_loss, shown.accuracy, shown.num_examples, shown.label_counts, None
+        else:
+            loss, accuracy, n, counts, seconds = res.loss, res.accuracy, res.num_examples, list(res.label_counts), res.seconds
+        if setup is not None:  # the metrics stay here, masked, until stage 3
+            vector = (eval_release.integer_vector(values, secagg_site.EVAL_LOSS_SCALE) if mode == "noised"
+                      else secagg_site.metrics_vector(res.loss, res.accuracy, res.num_examples, list(res.label_counts)))
+            content = secagg_site.begin(ctx, setup, vector)
+        else:
+            content = RecordDict({EvalMetrics.record: record_of(EvalMetrics(eval_loss=loss, accuracy=accuracy, num_examples=n,
+                                                                             label_counts=tuple(counts), eval_seconds=seconds))})
+        if privacy is not None:
+            content["privacy_event"], content["privacy"] = ConfigRecord(privacy[0]), ConfigRecord(privacy[1])
+        return content
 
     app.query()(guarded(query))
     app.train()(guarded(train))

@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from fedlora.errors import FedloraError
-from fedlora.model import LoraRuntime, derive_seed
+from fedlora.model import LoraRuntime
 from fedlora.privacy.events import DpSgdEvent
+from fedlora.privacy.randomness import RoundSeeds
 from fedlora.task import EncodedExamples
 
 from .trainer import LocalTrainSettings, TrainResult, adapter_delta, make_optimizer
@@ -80,9 +81,12 @@ def _wrap(model: nn.Module, base_opt: torch.optim.Optimizer, dp: DpSgdSettings, 
 
 def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], examples: EncodedExamples,
                    settings: LocalTrainSettings, dp: DpSgdSettings, *, seed: int, site: str, cohort: str, num_labels: int,
-                   round_: int, attempt: int = 0, grad_sample_mode: str = "hooks") -> tuple[TrainResult, DpSgdEvent]:
+                   round_: int, seeds: RoundSeeds, grad_sample_mode: str = "hooks") -> tuple[TrainResult, DpSgdEvent]:
     """Train with DP-SGD from ``global_state``; returns the update and the round's privacy event.
-    ``attempt`` > 0 (a round trained again) draws fresh noise."""
+
+    ``seed`` is the run's public seed (it only fixes the initial head, as at every site);
+    the noise, the Poisson batches and dropout come from ``seeds`` (``RoundSeeds.fresh()``:
+    the OS's secret randomness; ``RoundSeeds.reproducible`` only for research runs)."""
     if not 0 < dp.sample_rate <= 1:
         raise FedloraError(f"DP sample rate must be in (0, 1], got {dp.sample_rate}")
     runtime.load_adapter(global_state, seed, cohort, num_labels)
@@ -93,11 +97,11 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
     n = len(examples)
     steps = settings.steps_for(n)
     expected_batch = max(1, int(round(dp.sample_rate * n)))
-    noise_gen = torch.Generator(device=runtime.device).manual_seed(derive_seed(seed, "dp-noise", site, round_, *([attempt] if attempt else [])))
+    noise_gen = torch.Generator(device=runtime.device).manual_seed(seeds.torch_seed("noise"))
     gsm, opt, ghost = _wrap(model, make_optimizer(params, settings), dp, expected_batch, noise_gen, grad_sample_mode)
     try:
-        rng = np.random.default_rng(derive_seed(seed, "poisson", site, round_))
-        torch.manual_seed(derive_seed(seed, "dropout", site, round_))
+        rng = np.random.default_rng(seeds.sampling)
+        torch.manual_seed(seeds.torch_seed("dropout"))
         pad = int(runtime.tokenizer.pad_token_id)
         losses: list[float] = []
         start = time.perf_counter()

@@ -1,20 +1,31 @@
-"""A site's own privacy bookkeeping: its ledger, its budget, its refusal.
+"""A site's own privacy bookkeeping: its policy, its ledger, its budget, its refusals.
 
-The ledger lives in the site's Flower ``Context.state`` (record ``fedlora.privacy``), so it
-persists across rounds at the site whatever the coordinator says, and, where the site has a
-state directory, in ``<state_dir>/privacy.json`` too, so it survives process restarts. Before the first DP round
-the site calibrates one noise multiplier for all planned rounds (unless the run fixes
-``privacy.noise_multiplier``):
-``sigma = min { sigma : eps(rounds * steps steps at rate q, sigma) <= budget }`` with
-``q = batch_size / n`` (Poisson sampling, expected batch = the configured batch size). Before
-every round it checks that recording the round keeps it within budget, and refuses otherwise
-(``BudgetExhausted``): a clear error reply, no training, no update released.
+The site trusts nothing it is told about its own privacy (DESIGN.md section 7). What the
+coordinator sends is a request (``fedlora.privacy.policy``); the site applies the more private of
+that and its own policy, and computes everything the guarantee rests on itself:
+
+* **sizes**: q, steps, the automatic delta and the reported size come from the site's *public
+  size* (declared, or n rounded to 2 significant figures), never from the exact n;
+* **noise**: before its first DP message the site calibrates one noise multiplier for all planned
+  rounds: ``sigma = min { sigma : eps(eval releases + rounds * steps steps at rate q, sigma) <= budget }``,
+  where the noised eval releases (policy ``eval_metrics = "noised"``) get their own multiplier
+  calibrated to ``eval_budget_fraction`` of the budget over the planned evaluations; a sigma the
+  coordinator asks for is only a floor;
+* **randomness**: noise, Poisson batches and noise shares are drawn from the OS's secret
+  randomness (``fedlora.privacy.randomness``), fresh for every round and attempt, unless the
+  site's policy is the research switch ``reproducible_noise`` (simulation only);
+* **ledger**: events are keyed by the site's key identity (``SiteSpec.key_identity``), kept in the
+  node's context state and, where the site has a state folder, in ``<state_dir>/privacy.json``,
+  so restarts and renames never reset the spend. In deployment, DP is refused without a state
+  folder. Before every release the site checks that recording it keeps it within budget and
+  refuses otherwise (``BudgetExhausted``): a clear error reply, nothing released.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +35,18 @@ from flwr.app import ConfigRecord, Context
 from fedlora.errors import FedloraError
 from fedlora.files import write_text_atomic
 from fedlora.model import LoraRuntime
-from fedlora.model import derive_seed
-from fedlora.privacy.accounting import calibrate_noise, default_delta
-from fedlora.privacy.clipping import add_gaussian_noise, clip_update
-from fedlora.privacy.events import DpSgdEvent, event_to_dict
+from fedlora.privacy.accounting import Mechanism, calibrate_noise, default_delta
+from fedlora.privacy.clipping import add_gaussian_noise, clip_update, noise_std
+from fedlora.privacy.events import DpSgdEvent, EvalNoiseEvent, event_to_dict
 from fedlora.privacy.ledger import PrivacyLedger
+from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, public_size, resolve_delta
+from fedlora.privacy.randomness import RoundSeeds
+from fedlora.protocol import ClientDpAsk, PrivacyStatus, RoundPlan
 from fedlora.task import EncodedExamples
 
-from .release_cache import ReleaseCache, request_digest
 from .dp_trainer import DpSgdSettings, train_local_dp
+from .release_cache import ReleaseCache, request_digest
+from .site import SiteSpec
 from .trainer import LocalTrainSettings, TrainResult
 
 STATE_KEY = "fedlora.privacy"
@@ -44,80 +58,172 @@ class BudgetExhausted(FedloraError):
     exit_code = 8
 
 
-def _load(ctx: Context, state_file: Path | None) -> tuple[PrivacyLedger, float | None]:
-    """The site's ledger and calibrated sigma: from the node's context state, else from its
-    state file (after a process restart), else empty."""
+@dataclass(frozen=True)
+class Calibration:
+    """The site's noise multipliers for the whole run, fixed before its first DP release."""
+
+    noise_multiplier: float  # DP-SGD
+    eval_noise_multiplier: float  # noised eval releases (0: none planned)
+
+
+def planned_evaluations(plan: RoundPlan) -> int:
+    """Evaluations the plan announces: round 0, every ``eval_every``-th round and the last."""
+    return 1 + sum(1 for r in range(1, plan.rounds + 1) if r % plan.eval_every == 0 or r == plan.rounds)
+
+
+def state_file(site: SiteSpec) -> Path | None:
+    return Path(site.state_dir) / "privacy.json" if site.state_dir else None
+
+
+def _load(ctx: Context, path: Path | None) -> tuple[PrivacyLedger, Calibration | None]:
+    """The site's ledger and calibration: from the node's context state, else from its state
+    file (after a process restart), else empty."""
     if STATE_KEY in ctx.state:
         rec = ctx.state[STATE_KEY]
-        doc = {"ledger": json.loads(str(rec["ledger"])), "noise_multiplier": rec.get("noise_multiplier")}
-    elif state_file is not None and state_file.is_file():
-        doc = json.loads(state_file.read_text(encoding="utf-8"))
+        doc = json.loads(str(rec["doc"]))
+    elif path is not None and path.is_file():
+        doc = json.loads(path.read_text(encoding="utf-8"))
     else:
         return PrivacyLedger(), None
-    sigma = doc.get("noise_multiplier")
-    return PrivacyLedger.from_json(doc["ledger"]), float(sigma) if sigma is not None else None
+    cal = doc.get("calibration")
+    return PrivacyLedger.from_json(doc["ledger"]), Calibration(**cal) if cal else None
 
 
-def _save(ctx: Context, state_file: Path | None, ledger: PrivacyLedger, sigma: float) -> None:
-    ctx.state[STATE_KEY] = ConfigRecord({"ledger": json.dumps(ledger.to_json()), "noise_multiplier": sigma})
-    if state_file is not None:
-        write_text_atomic(state_file, json.dumps({"ledger": ledger.to_json(), "noise_multiplier": sigma}, indent=1, sort_keys=True))
+def _save(ctx: Context, path: Path | None, ledger: PrivacyLedger, cal: Calibration) -> None:
+    doc = {"ledger": ledger.to_json(), "calibration": {"noise_multiplier": cal.noise_multiplier,
+                                                        "eval_noise_multiplier": cal.eval_noise_multiplier}}
+    ctx.state[STATE_KEY] = ConfigRecord({"doc": json.dumps(doc, sort_keys=True)})
+    if path is not None:
+        write_text_atomic(path, json.dumps(doc, indent=1, sort_keys=True))
 
 
-def private_round(runtime: LoraRuntime, cfg: Mapping[str, Any], ctx: Context, train: EncodedExamples, global_state: Mapping[str, np.ndarray],
-                  settings: LocalTrainSettings, *, site: str, cohort: str, num_labels: int, budget_epsilon: float,
-                  state_file: Path | None = None) -> tuple[TrainResult, dict, dict]:
-    """One DP-SGD round within the site's budget; returns the update, the round's privacy event
-    (as a dict) and the site's budget status (epsilon spent, budget, delta and how it was chosen).
+def check_persistence(site: SiteSpec) -> None:
+    if not site.policy.persistent:
+        raise PolicyRefused("DP needs a persistent privacy ledger, and this site has no state folder (--state-dir / node config "
+                            "state-dir): its spend would be forgotten on restart; nothing trained")
 
-    A round asked again with the same global adapter (the coordinator restarted mid-round)
-    gets the same release again, uncharged (``release_cache``). Asked again with another
-    adapter, the site trains again with fresh noise and is charged again: two different noisy
-    answers to one round cost twice, and reusing the noise would let a coordinator cancel it."""
-    n = len(train)
-    round_, rounds, seed = int(cfg["round"]), int(cfg["train.rounds"]), int(cfg["seed"])
-    accountant, clip = str(cfg["privacy.accountant"]), float(cfg["privacy.max_grad_norm"])
-    q = min(1.0, settings.batch_size / n)
-    steps = settings.steps_for(n)
-    delta, rule = default_delta(float(cfg["privacy.delta"]), n, "training records")
-    ledger, sigma = _load(ctx, state_file)
-    cache = ReleaseCache(site, state_file.parent if state_file is not None else None)
-    digest = request_digest(global_state, cohort=cohort, round_=round_, seed=seed)
+
+def round_seeds(site: SiteSpec, plan: RoundPlan, attempt: int) -> RoundSeeds:
+    if site.policy.reproducible_noise:
+        return RoundSeeds.reproducible(plan.seed, site.name, plan.round, attempt)
+    return RoundSeeds.fresh()
+
+
+class SitePrivacy:
+    """One site's privacy state for one message: policy + request resolved, ledger loaded."""
+
+    def __init__(self, ctx: Context, site: SiteSpec, plan: RoundPlan, eff: EffectivePrivacy, n_records: int,
+                 settings: LocalTrainSettings) -> None:
+        check_persistence(site)
+        self.ctx, self.site, self.plan, self.eff = ctx, site, plan, eff
+        self.accountant = eff.accountant
+        self.n_public = public_size(n_records, site.policy.public_size)
+        self.q = min(1.0, settings.batch_size / self.n_public)
+        self.steps = settings.steps_for(self.n_public)
+        self.delta, self.delta_rule = resolve_delta(site.policy, eff.delta, self.n_public, default_delta)
+        self.path = state_file(site)
+        self.ledger, cal = _load(ctx, self.path)
+        self.calibration = cal or self._calibrate()
+
+    def _calibrate(self) -> Calibration:
+        evals = planned_evaluations(self.plan) if self.eff.eval_metrics == "noised" else 0
+        sigma_eval, prior = 0.0, []
+        if evals:
+            sigma_eval = calibrate_noise(self.site.policy.eval_budget_fraction * self.eff.epsilon, self.delta, 1.0, evals,
+                                         accountant=self.accountant)
+            prior = [Mechanism(sigma_eval, 1.0, evals)]
+        sigma = calibrate_noise(self.eff.epsilon, self.delta, self.q, self.plan.rounds * self.steps, accountant=self.accountant,
+                                prior=prior)
+        return Calibration(max(sigma, self.eff.min_noise_multiplier), max(sigma_eval, self.eff.min_noise_multiplier if evals else 0.0))
+
+    def spent(self) -> float:
+        return self.ledger.identity_spent(self.site.key_identity, self.delta, self.accountant)
+
+    def check(self, planned: DpSgdEvent | EvalNoiseEvent) -> float:
+        exceeds, after = self.ledger.would_exceed(planned, self.eff.epsilon, self.delta, self.accountant)
+        if exceeds:
+            raise BudgetExhausted(f"privacy budget exhausted: spent epsilon {self.spent():.3f} of {self.eff.epsilon:g} "
+                                  f"(delta {self.delta:.2g}); round {self.plan.round} would reach {after:.3f}")
+        return after
+
+    def record(self, event: DpSgdEvent | EvalNoiseEvent) -> None:
+        self.ledger.record(event)
+        _save(self.ctx, self.path, self.ledger, self.calibration)
+
+    def status(self, spent: float | None = None) -> dict[str, Any]:
+        return PrivacyStatus(epsilon_spent=self.spent() if spent is None else spent, budget_epsilon=self.eff.epsilon, delta=self.delta,
+                             delta_rule=self.delta_rule, noise="reproducible" if self.site.policy.reproducible_noise else "secret",
+                             eval_metrics=self.eff.eval_metrics, public_size=self.n_public).flat()
+
+    def attempt(self) -> int:
+        return sum(1 for e in self.ledger.identity_events(self.site.key_identity) if isinstance(e, DpSgdEvent) and e.round == self.plan.round)
+
+
+def private_round(runtime: LoraRuntime, plan: RoundPlan, eff: EffectivePrivacy, ctx: Context, train: EncodedExamples,
+                  global_state: Mapping[str, np.ndarray], settings: LocalTrainSettings, *, site: SiteSpec,
+                  num_labels: int) -> tuple[TrainResult, dict, dict]:
+    """One DP-SGD round within the site's budget; returns the update (its ``num_examples`` is the
+    public size), the round's privacy event (as a dict) and the site's budget status.
+
+    A round asked again with the same global adapter (the coordinator restarted mid-round) gets
+    the same release again, uncharged (``release_cache``: post-processing of the first release).
+    Asked again with another adapter, the site trains again with fresh noise and is charged again."""
+    sp = SitePrivacy(ctx, site, plan, eff, len(train), settings)
+    cache = ReleaseCache(site.name, sp.path.parent if sp.path is not None else None)
+    digest = request_digest(global_state, cohort=site.cohort, round_=plan.round, seed=plan.seed)
     replay = cache.get(digest)
     if replay is not None:
         result, event = replay
-        status = {"epsilon_spent": ledger.spent(site, delta, accountant), "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
-        return result, event, status
-    if sigma is None:
-        fixed = float(cfg.get("privacy.noise_multiplier", 0.0))
-        sigma = fixed if fixed > 0 else calibrate_noise(budget_epsilon, delta, q, rounds * steps, accountant=accountant)
-    planned = DpSgdEvent(round=round_, site=site, cohort=cohort, noise_multiplier=sigma, sample_rate=q, steps=steps,
-                         max_grad_norm=clip, accountant=accountant)
-    exceeds, after = ledger.would_exceed(planned, budget_epsilon, delta, accountant)
-    if exceeds:
-        raise BudgetExhausted(f"privacy budget exhausted: spent epsilon {ledger.spent(site, delta, accountant):.3f} of "
-                              f"{budget_epsilon:g} (delta {delta:.2g}); round {round_} would reach {after:.3f}")
-    attempt = sum(1 for e in ledger.site_events(site) if e.round == round_)
-    result, ran = train_local_dp(runtime, global_state, train, settings, DpSgdSettings(sigma, clip, q), seed=seed, site=site,
-                                 cohort=cohort, num_labels=num_labels, round_=round_, attempt=attempt,
-                                 grad_sample_mode=str(cfg.get("privacy.grad_sample_mode", "hooks")))
+        return result, event, sp.status()
+    planned = DpSgdEvent(round=plan.round, site=site.name, cohort=site.cohort, noise_multiplier=sp.calibration.noise_multiplier,
+                         sample_rate=sp.q, steps=sp.steps, max_grad_norm=eff.max_grad_norm, accountant=sp.accountant,
+                         identity=site.key_identity)
+    after = sp.check(planned)
+    public_settings = LocalTrainSettings(sp.steps, 0.0, settings.batch_size, settings.optimizer, settings.learning_rate,
+                                         settings.weight_decay, settings.max_grad_norm)
+    result, ran = train_local_dp(runtime, global_state, train, public_settings,
+                                 DpSgdSettings(sp.calibration.noise_multiplier, eff.max_grad_norm, sp.q), seed=plan.seed,
+                                 site=site.name, cohort=site.cohort, num_labels=num_labels, round_=plan.round,
+                                 seeds=round_seeds(site, plan, sp.attempt()), grad_sample_mode=eff.grad_sample_mode)
     mechanism = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")
     if any(getattr(ran, f) != getattr(planned, f) for f in mechanism):
         raise FedloraError(f"DP training ran {ran}, not the mechanism checked against the budget ({planned}); update withheld")
-    ledger.record(planned)  # the checked event, with this run's accountant
-    _save(ctx, state_file, ledger, sigma)
+    # nothing exact about the private data leaves: the public size, no loss, no timing
+    result = TrainResult(delta=result.delta, train_loss=float("nan"), steps=sp.steps, num_examples=sp.n_public, seconds=float("nan"))
+    sp.record(planned)
     cache.put(digest, result, event_to_dict(planned))
-    status = {"epsilon_spent": after, "budget_epsilon": budget_epsilon, "delta": delta, "delta_rule": rule}
-    return result, event_to_dict(planned), status
+    return result, event_to_dict(planned), sp.status(after)
 
 
-def client_level_update(delta: Mapping[str, np.ndarray], cfg: Mapping[str, Any], *, site: str) -> tuple[dict[str, np.ndarray], int]:
-    """A site's contribution under client-level DP: its update clipped to the round's C, plus
-    its noise share when the sites draw the noise; and the bit ``1[||u|| <= C]`` that adaptive
-    clipping counts."""
-    c = float(cfg["privacy.client_clip_norm"])
+def private_eval_noise(plan: RoundPlan, eff: EffectivePrivacy, ctx: Context, n_train: int, settings: LocalTrainSettings, *,
+                       site: SiteSpec, values: np.ndarray) -> tuple[np.ndarray, dict, dict]:
+    """The site's eval metric vector with Gaussian noise (``fedlora.privacy.eval_release``),
+    charged to its ledger as one ``EvalNoiseEvent``; refused past the budget."""
+    from fedlora.privacy.eval_release import noised
+
+    sp = SitePrivacy(ctx, site, plan, eff, n_train, settings)
+    sigma = sp.calibration.eval_noise_multiplier
+    if sigma <= 0:
+        raise FedloraError("noised eval metrics were not planned when this site calibrated its noise; metrics kept at the site")
+    planned = EvalNoiseEvent(round=plan.round, site=site.name, cohort=site.cohort, noise_multiplier=sigma, accountant=sp.accountant,
+                             identity=site.key_identity)
+    after = sp.check(planned)
+    out = noised(values, sigma, np.random.default_rng(round_seeds(site, plan, 0).eval))
+    sp.record(planned)
+    return out, event_to_dict(planned), sp.status(after)
+
+
+def client_level_update(delta: Mapping[str, np.ndarray], ask: ClientDpAsk, *, site: SiteSpec, plan: RoundPlan) -> tuple[dict[str, np.ndarray], int]:
+    """A site's contribution under client-level DP: its update clipped to the round's C, plus,
+    when the sites draw the noise, its own share ``N(0, (z C)^2 / m)`` computed here from the
+    public z and m with the site's secret randomness; and the bit ``1[||u|| <= C]`` that
+    adaptive clipping counts."""
+    c = float(ask.clip_norm)
     clipped, norm = clip_update(delta, c)
-    if str(cfg["privacy.client_noise"]) == "sites":
-        rng = np.random.default_rng(derive_seed(int(cfg["seed"]), "client-noise", site, int(cfg["round"])))
-        clipped = add_gaussian_noise(clipped, float(cfg["privacy.client_noise_std"]), rng)
+    if ask.noise == "sites":
+        if not ask.noise_multiplier > 0 or ask.sites < 1:
+            raise PolicyRefused(f"client-level noise by the sites, but the coordinator's plan gives z = {ask.noise_multiplier} over "
+                                f"{ask.sites} site(s); refusing to add no noise")
+        rng = np.random.default_rng(round_seeds(site, plan, 0).share)
+        clipped = add_gaussian_noise(clipped, noise_std(float(ask.noise_multiplier), c, int(ask.sites)), rng)
     return clipped, int(norm <= c)

@@ -7,10 +7,11 @@ simulation the engine hands each virtual site one ``SiteSpec`` by partition id.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedloraError
+from fedlora.privacy.policy import SitePolicy
 
 
 @dataclass(frozen=True)
@@ -22,10 +23,17 @@ class SiteSpec:
     label_column: str = "label"
     shard_index: int = 0  # this site's part of data_path (simulation splits one file across sites)
     shard_count: int = 1
-    budget_epsilon: float = 0.0  # this site's own DP budget; 0: the coordinator's default
+    budget_epsilon: float = 0.0  # kept for callers; the policy's epsilon is what counts
     state_dir: str = ""  # where the site keeps what must outlive its process (its privacy ledger); "" = memory only
     model: str = ""  # the base model this site holds (path or packaged name); "" = the one the coordinator names
     device: str = ""  # this site's device (auto, cpu, cuda, cuda:N); "" = the process default
+    policy: SitePolicy = field(default_factory=SitePolicy)  # the site's own privacy policy (fedlora.privacy.policy)
+    identity: str = ""  # the site's key identity (deployment: its public key's fingerprint); "" = sim:<name>
+
+    @property
+    def key_identity(self) -> str:
+        """Whom the site's ledger is keyed by: its key, never its self-chosen name."""
+        return self.identity or f"sim:{self.name}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -33,13 +41,24 @@ class SiteSpec:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSpec:
         """Read a deployed site's spec from SuperNode node config keys
-        ``site-name``, ``domain``, ``data-path``, ``text-column``, ``label-column``, ``epsilon``, ``state-dir``,
-        ``model``, ``device``."""
+        ``site-name``, ``domain``, ``data-path``, ``text-column``, ``label-column``, ``state-dir``,
+        ``model``, ``device``, ``identity`` and the policy: ``epsilon``, ``delta``, ``accountant``,
+        ``eval-metrics``, ``public-size``. Reproducible noise is never read from here: it exists
+        in simulation only."""
         missing = [k for k in ("domain", "data-path") if not node_config.get(k)]
         if missing:
             raise ConfigError("node-config", dict(node_config), f"a site needs {', '.join(missing)} in its node config")
         domain = str(node_config["domain"])
+        state_dir = str(node_config.get("state-dir", ""))
+        try:
+            policy = SitePolicy(epsilon=float(node_config.get("epsilon", 0.0)), max_delta=float(node_config.get("delta", 0.0)),
+                                accountant=str(node_config.get("accountant", "")),
+                                eval_metrics=str(node_config.get("eval-metrics", "site")),
+                                public_size=int(node_config.get("public-size", 0)), persistent=bool(state_dir))
+        except (ValueError, FedloraError) as e:
+            raise ConfigError("node-config", dict(node_config), f"the site's privacy policy: {e}") from None
         return cls(name=str(node_config.get("site-name") or domain), cohort=domain, data_path=str(node_config["data-path"]),
                    text_column=str(node_config.get("text-column", "text")), label_column=str(node_config.get("label-column", "label")),
-                   budget_epsilon=float(node_config.get("epsilon", 0.0)), state_dir=str(node_config.get("state-dir", "")),
-                   model=str(node_config.get("model", "")), device=str(node_config.get("device", "")))
+                   budget_epsilon=policy.epsilon, state_dir=state_dir,
+                   model=str(node_config.get("model", "")), device=str(node_config.get("device", "")), policy=policy,
+                   identity=str(node_config.get("identity", "")))

@@ -108,6 +108,7 @@ class EvalResult:
     num_examples: int
     label_counts: list[int]  # eval examples per class (for the majority-class baseline)
     seconds: float  # wall time of the forward passes
+    loss_sum_capped: float = 0.0  # sum of min(loss_i, LOSS_CAP) over the examples (the DP eval release's loss entry)
 
 
 @torch.no_grad()
@@ -118,17 +119,21 @@ def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], exampl
     model = runtime.peft_model
     model.eval()
     pad = int(runtime.tokenizer.pad_token_id)
-    total_loss, correct = 0.0, 0
+    from fedlora.privacy.eval_release import LOSS_CAP
+
+    total_loss, capped, correct = 0.0, 0.0, 0
     start_time = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         index = np.arange(start, min(start + batch_size, len(examples)))
         batch = runtime.task.batch(examples, index, pad, runtime.device)
         with runtime.autocast():
-            loss, logits = runtime.task.loss(model, batch)
-        total_loss += float(loss) * len(index)
+            per_example, logits = runtime.task.loss(model, batch, reduction="none")
+        total_loss += float(per_example.mean()) * len(index)
+        capped += float(per_example.float().clamp(max=LOSS_CAP).sum())
         correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
     seconds = time.perf_counter() - start_time
     model.train()
     n = len(examples)
     counts = np.bincount(examples.labels, minlength=num_labels).tolist()
-    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n, label_counts=[int(c) for c in counts], seconds=seconds)
+    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n, label_counts=[int(c) for c in counts], seconds=seconds,
+                      loss_sum_capped=capped)

@@ -58,6 +58,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites (default on; --no-secure-aggregation "
                         "aggregates every cohort in the clear)")
     p.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
+    p.add_argument("--eval-metrics", choices=["site", "noised", "public"],
+                   help="under DP, what sites do with eval metrics: keep them (default), release them noised (charged), or "
+                        "release them exactly (outside the guarantee)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     add_run_flags(s)
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (with its own config)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")
+    s.add_argument("--reproducible-noise", action="store_true", default=None,
+                   help="research only: seed the DP noise from the run's seed (bit-identical DP runs); the run then gives NO "
+                        "guarantee against anyone who knows the seed")
     from .cli_deploy import add_deploy_parsers
 
     add_deploy_parsers(sub)
@@ -98,6 +104,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
         "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm, "privacy.client_dp": args.client_dp,
         "privacy.grad_sample_mode": args.grad_sample_mode, "secure_aggregation.enabled": args.secure_aggregation,
+        "privacy.eval_metrics": args.eval_metrics, "privacy.reproducible_noise": getattr(args, "reproducible_noise", None),
         "cohorts.*.sites": args.sites, "cohorts.*.text_column": getattr(args, "text_column", None),
         "cohorts.*.label_column": getattr(args, "label_column", None),
     }

@@ -71,7 +71,18 @@ def add_deploy_parsers(sub: Any) -> None:
     k.add_argument("--root-cert", type=Path, help="the federation's CA certificate (ca.pem from fedlora certs)")
     k.add_argument("--insecure", action="store_true", help="no TLS and no site key (test networks only)")
     k.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    k.add_argument("--epsilon", type=float, default=0.0, help="this site's DP budget (default: the coordinator's)")
+    k.add_argument("--epsilon", type=float, default=0.0,
+                   help="this site's own DP budget: the site always trains with DP within it, whatever the coordinator asks "
+                        "(default: none of its own; the coordinator's request decides)")
+    k.add_argument("--delta", type=float, default=0.0,
+                   help="the largest delta this site accepts (default: 1e-5, or 0.1/n for its public size n); a coordinator "
+                        "asking for more is refused")
+    k.add_argument("--accountant", choices=["rdp", "prv"], default="", help="this site's accountant (default: the coordinator's)")
+    k.add_argument("--eval-metrics", choices=["site", "noised", "public"], default="site",
+                   help="under DP: keep eval metrics at the site (default), release them noised (charged to the budget), or "
+                        "release them exactly (outside the guarantee)")
+    k.add_argument("--public-size", type=int, default=0,
+                   help="the training-set size this site declares public (default: its size rounded to 2 significant figures)")
     k.add_argument("--model", default="", help="the base model this site holds (folder or packaged name; default: the one the coordinator names)")
     k.add_argument("--state-dir", type=Path, help="where the site keeps its privacy ledger and logs (default fedlora-state/<name>)")
     k.add_argument("--connect-timeout", type=float, default=300.0,
@@ -127,7 +138,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
         print(INSECURE_WARNING.format(where=args.server), file=sys.stderr, flush=True)
     opts = SiteOptions(server=args.server, data=Path(args.data), domain=args.domain, name=name, text_column=args.text_column,
                        label_column=args.label_column, key=args.key, root_cert=args.root_cert, insecure=args.insecure,
-                       device=args.device, epsilon=args.epsilon, model=args.model, state_dir=(args.state_dir or Path("fedlora-state") / name).resolve(),
+                       device=args.device, epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
+                       eval_metrics=args.eval_metrics, public_size=args.public_size, model=args.model, state_dir=(args.state_dir or Path("fedlora-state") / name).resolve(),
                        connect_timeout=args.connect_timeout)
     run_site(opts, say=lambda text: print(text, flush=True))
     return 0

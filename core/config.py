@@ -230,6 +230,10 @@ class RunConfig:
             _require(STRATEGIES[self.federation.strategy], "federation.strategy", self.federation.strategy,
                      "needs every site's update individually, which secure aggregation never reveals; use a linear strategy "
                      "(fedavg) or set secure_aggregation.enabled = false")
+        if self.privacy.client_dp and self.privacy.client_noise == "sites":
+            _require(self.secure_aggregation.enabled, "privacy.client_noise", "sites",
+                     "needs secure aggregation: in the clear the coordinator sees each update with only its own share of the "
+                     "noise (multiplier z / sqrt(m)); use client_noise = \"coordinator\" or enable secure_aggregation")
         if self.secure_aggregation.enabled and self.privacy.adaptive_clip:
             _require(self.privacy.client_noise == "coordinator", "privacy.adaptive_clip", True,
                      "with secure aggregation needs privacy.client_noise = \"coordinator\" (the coordinator noises the "

@@ -5,6 +5,8 @@ from __future__ import annotations
 # ``Error.code`` values of fedlora's error replies (site -> coordinator)
 SITE_ERROR_CODE = 4201  # the site refused the message (bad data, wrong cohort, bad payload, ...)
 BUDGET_EXHAUSTED_CODE = 4202  # the round would exceed the site's privacy budget
+POLICY_REFUSED_CODE = 4203  # the coordinator asked for less privacy than the site's policy allows
+PROTOCOL_ERROR_CODE = 4204  # the message is malformed (a key missing, of the wrong type, unknown)
 
 
 class FedloraError(Exception):
@@ -52,6 +54,12 @@ class DeploymentError(FedloraError):
     coordinator, certificates or keys it refuses."""
 
     exit_code = 9
+
+
+class ProtocolError(FedloraError):
+    """A message does not follow ``fedlora.protocol``: a key missing, of the wrong type, or unknown."""
+
+    exit_code = 5
 
 
 class RunInterrupted(FedloraError):

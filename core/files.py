@@ -24,3 +24,10 @@ def atomic_write(target: Path, fill: Callable[[Path], None]) -> Path:
 
 def write_text_atomic(target: Path, text: str) -> Path:
     return atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def append_line(target: Path, line: str) -> None:
+    """Append one whole line (a reader never sees half of it: one write of line + newline)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")

@@ -20,7 +20,16 @@ class PrivacyConfig:
     ``client_clip_norm`` and adds ``N(0, (client_noise_multiplier * C)^2)`` to each cohort's
     sum, drawn by the coordinator or in shares by the sites (``client_noise``); see
     ``fedlora.privacy.client_dp``. ``adaptive_clip`` moves C towards the
-    ``adaptive_target_quantile`` of the update norms (Andrew et al. 2021)."""
+    ``adaptive_target_quantile`` of the update norms (Andrew et al. 2021).
+
+    What reaches the sites is a request: each site applies the more private of it and its own
+    policy (``fedlora.privacy.policy``). In simulation the virtual sites' policies come from here:
+    a site with an entry in ``budgets`` requires DP within it even when ``dp`` is false.
+    ``eval_metrics`` says what a DP site does with its eval metrics: ``site`` (kept at the site;
+    in simulation the harness reads them from the sites' state folders), ``noised`` (Gaussian
+    noise, ``eval_budget_fraction`` of the budget) or ``public`` (exact, outside the guarantee).
+    ``reproducible_noise`` (simulation only, research) seeds the DP noise from the run's seed:
+    the run then gives no guarantee against anyone who knows the seed."""
 
     dp: bool = False
     epsilon: float = 8.0
@@ -39,6 +48,9 @@ class PrivacyConfig:
     adaptive_target_quantile: float = 0.5
     adaptive_clip_lr: float = 0.2
     adaptive_count_noise: float = 0.0  # std of the noise on the clipped count; 0: max(expected sites / 20, z)
+    eval_metrics: str = "site"  # under DP: site | noised | public
+    eval_budget_fraction: float = 0.1  # share of a site's budget for noised eval metrics
+    reproducible_noise: bool = False  # research switch (simulation only): seeded DP noise, no guarantee against the seed
 
     def __post_init__(self) -> None:
         require(isinstance(self.dp, bool), "privacy.dp", self.dp, "must be true or false")
@@ -49,7 +61,10 @@ class PrivacyConfig:
                  "privacy.noise_multiplier", self.noise_multiplier, "must be 0 (calibrate to the budget) or a positive number")
         one_of("privacy.accountant", self.accountant, ("rdp", "prv"))
         one_of("privacy.grad_sample_mode", self.grad_sample_mode, ("hooks", "ghost"))
-        for key in ("client_dp", "adaptive_clip"):
+        one_of("privacy.eval_metrics", self.eval_metrics, ("site", "noised", "public"))
+        require(isinstance(self.eval_budget_fraction, (int, float)) and 0 < self.eval_budget_fraction < 1,
+                "privacy.eval_budget_fraction", self.eval_budget_fraction, "must be in (0, 1)")
+        for key in ("client_dp", "adaptive_clip", "reproducible_noise"):
             require(isinstance(getattr(self, key), bool), f"privacy.{key}", getattr(self, key), "must be true or false")
         require(isinstance(self.client_noise_multiplier, (int, float)) and 0 < self.client_noise_multiplier <= 1e4,
                  "privacy.client_noise_multiplier", self.client_noise_multiplier, "must be in (0, 10000]")
@@ -76,6 +91,10 @@ class PrivacyConfig:
 
     def budget_for(self, site: str) -> float:
         return float(self.budgets.get(site, self.epsilon))
+
+    def site_requires_dp(self, site: str) -> bool:
+        """Whether a virtual site's own policy requires DP: DP on for the run, or a budget of its own."""
+        return self.dp or site in self.budgets
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from fedlora.files import write_text_atomic
 
 from .accounting import Mechanism, epsilon
-from .events import ClientDpEvent, DpSgdEvent, Event, event_from_dict, event_to_dict
+from .events import ClientDpEvent, DpSgdEvent, EvalNoiseEvent, Event, SiteEvent, event_from_dict, event_to_dict
 
 LEDGER_FORMAT = "fedlora-privacy-ledger/1"
 
@@ -44,26 +44,44 @@ class PrivacyLedger:
         return {k: dict(v) for k, v in self._declarations.items()}
 
     def site_events(self, site: str) -> list[DpSgdEvent]:
+        """A site's DP-SGD events (by display name)."""
         return [e for e in self._events if isinstance(e, DpSgdEvent) and e.site == site]
+
+    def unit_events(self, site: str) -> list[SiteEvent]:
+        """Every sample-level event of one site (DP-SGD and eval releases), by display name."""
+        return [e for e in self._events if isinstance(e, (DpSgdEvent, EvalNoiseEvent)) and e.site == site]
+
+    def identity_events(self, identity: str) -> list[SiteEvent]:
+        """Every sample-level event recorded under a site identity (its key), whatever its name was."""
+        return [e for e in self._events if isinstance(e, (DpSgdEvent, EvalNoiseEvent)) and e.identity == identity]
 
     def cohort_events(self, cohort: str) -> list[ClientDpEvent]:
         return [e for e in self._events if isinstance(e, ClientDpEvent) and e.cohort == cohort]
 
     @staticmethod
-    def _mechanisms(events: Iterable[DpSgdEvent | ClientDpEvent]) -> list[Mechanism]:
+    def _mechanisms(events: Iterable[Event]) -> list[Mechanism]:
         return [Mechanism(e.noise_multiplier, e.sample_rate, e.steps) for e in events]
 
     def spent(self, site: str, delta: float, accountant: str = "rdp") -> float:
-        """Sample-level epsilon a site has spent over all its recorded rounds."""
-        return epsilon(self._mechanisms(self.site_events(site)), delta, accountant)
+        """Sample-level epsilon a site has spent over all its recorded rounds (DP-SGD and eval releases)."""
+        return epsilon(self._mechanisms(self.unit_events(site)), delta, accountant)
+
+    def identity_spent(self, identity: str, delta: float, accountant: str = "rdp") -> float:
+        """The same, composed over every event of one site identity (renaming a site does not reset it)."""
+        return epsilon(self._mechanisms(self.identity_events(identity)), delta, accountant)
 
     def client_level_spent(self, cohort: str, delta: float, accountant: str = "rdp") -> float:
         """Client-level epsilon (privacy unit: one whole site) of a cohort's aggregate."""
         return epsilon(self._mechanisms(self.cohort_events(cohort)), delta, accountant)
 
-    def would_exceed(self, planned: DpSgdEvent, budget_epsilon: float, delta: float, accountant: str = "rdp") -> tuple[bool, float]:
-        """(True if recording ``planned`` would take its site past the budget, the epsilon it would reach)."""
-        after = epsilon(self._mechanisms([*self.site_events(planned.site), planned]), delta, accountant)
+    def would_exceed(self, planned: SiteEvent | Iterable[SiteEvent], budget_epsilon: float, delta: float,
+                     accountant: str = "rdp") -> tuple[bool, float]:
+        """(True if recording ``planned`` (one event or several of one site) would take the site past
+        its budget, the epsilon it would reach). Composed over the site's identity when it has one."""
+        planned = [planned] if isinstance(planned, (DpSgdEvent, EvalNoiseEvent)) else list(planned)
+        first = planned[0]
+        prior = self.identity_events(first.identity) if first.identity else self.unit_events(first.site)
+        after = epsilon(self._mechanisms([*prior, *planned]), delta, accountant)
         return after > budget_epsilon, after
 
     def to_json(self) -> dict:

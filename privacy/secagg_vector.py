@@ -103,9 +103,9 @@ class EvalSum:
 
 def read_eval_sum(total: np.ndarray, sites: int) -> EvalSum:
     """The cohort's example-weighted eval loss and accuracy, examples and label counts."""
-    t = np.asarray(total, dtype=np.uint64)
+    t = np.asarray(total, dtype=np.uint64).view(np.int64)  # noised entries may be negative (two's complement)
     n = int(t[2])
-    counts = t[3:].astype(np.int64)
-    if n == 0:
+    counts = np.maximum(t[3:].astype(np.int64), 0)
+    if n <= 0:
         return EvalSum(None, None, 0, counts, sites)
-    return EvalSum(int(t[0]) / EVAL_LOSS_SCALE / n, int(t[1]) / n, n, counts, sites)
+    return EvalSum(max(0, int(t[0])) / EVAL_LOSS_SCALE / n, min(max(int(t[1]) / n, 0.0), 1.0), n, counts, sites)

@@ -36,6 +36,8 @@ class RoundReplies:
     unclipped: list[int] = field(default_factory=list)  # client-level DP: 1 if the update was within C
     failed: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    policy_refused: list[str] = field(default_factory=list)  # sites that refused the round under their privacy policy
+    private: bool = False  # some site attested a DP event: no train loss is released for the cohort
     advertised: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # secure aggregation: node -> public keys
 
 

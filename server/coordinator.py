@@ -27,10 +27,12 @@ from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from fedlora.config import RunConfig
-from fedlora.errors import BUDGET_EXHAUSTED_CODE, FederationError, FedloraError
+from fedlora.errors import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, FederationError, FedloraError
 from fedlora.model import ModelSpec, derive_seed, get_runtime
+from fedlora.protocol import (ClientDpAsk, PrivacyAsk, RoundPlan, SecAggKeys, SiteInfo, TrainMetrics, arrays, read, read_event,
+                              record_of)
 from fedlora.records import content_bytes, from_record, to_record
-from fedlora.privacy.events import ClientDpEvent, event_from_dict
+from fedlora.privacy.events import ClientDpEvent, DpSgdEvent, EvalNoiseEvent, event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.secagg_vector import read_sum
@@ -106,32 +108,41 @@ class Coordinator:
             if reply.has_error():
                 log.warning("node %s (%s) did not join: %s", node, self.registered.get(node, "unregistered"), reply.error.reason)
                 continue
-            info = reply.content["site"]
-            name, cohort = str(info["name"]), str(info["cohort"])
+            try:
+                info = read(SiteInfo, reply.content, "query")
+            except FedloraError as e:
+                log.warning("node %s did not join: %s", node, e)
+                continue
+            name, cohort = info.name, info.cohort
+            if node in self.registered and self.registered[node] != name:
+                log.warning("node %s is registered as %s but calls itself %r; it is named by its key: %s", node, self.registered[node],
+                            name, self.registered[node])
+                name = self.registered[node]
             if cohort not in self.cohorts:
                 log.warning("site %s belongs to cohort %r, which this run does not train; ignoring it", name, cohort)
+                continue
+            if any(name in c.nodes.values() for c in self.cohorts.values()):
+                log.warning("node %s calls itself %s, a name another site already holds; refused", node, name)
                 continue
             self.cohorts[cohort].nodes[node] = name
         empty = [c for c, co in self.cohorts.items() if not co.nodes]
         if empty:
             raise FederationError(f"no site joined cohort(s) {', '.join(empty)}")
 
-    def _content(self, cohort: Cohort, round_: int, extra: dict[str, Any] | None = None) -> RecordDict:
-        t = self.cfg.train
-        cfg: dict[str, Any] = {
-            "round": round_, "cohort": cohort.name, "labels": list(cohort.labels), "seed": self.cfg.seed,
-            "wire_dtype": self.cfg.federation.wire_dtype, "train.local_steps": t.local_steps, "train.local_epochs": float(t.local_epochs),
-            "train.batch_size": t.batch_size, "train.optimizer": t.optimizer, "train.learning_rate": float(t.learning_rate),
-            "train.weight_decay": float(t.weight_decay), "train.max_grad_norm": float(t.max_grad_norm),
-            "train.eval_fraction": float(t.eval_fraction), "train.rounds": t.rounds, **self.spec.to_flat(),
-            "privacy.dp": self.cfg.privacy.dp, "privacy.epsilon": float(self.cfg.privacy.epsilon),
-            "privacy.delta": float(self.cfg.privacy.delta), "privacy.max_grad_norm": float(self.cfg.privacy.max_grad_norm),
-            "privacy.noise_multiplier": float(self.cfg.privacy.noise_multiplier),
-            "privacy.accountant": self.cfg.privacy.accountant, "privacy.grad_sample_mode": self.cfg.privacy.grad_sample_mode,
-            **(extra or {}),
-        }
+    def _content(self, cohort: Cohort, round_: int, extra: ClientDpAsk | None = None) -> RecordDict:
+        t, p = self.cfg.train, self.cfg.privacy
+        plan = RoundPlan(round=round_, cohort=cohort.name, labels=tuple(cohort.labels), seed=self.cfg.seed,
+                         wire_dtype=self.cfg.federation.wire_dtype, local_steps=t.local_steps, local_epochs=float(t.local_epochs),
+                         batch_size=t.batch_size, optimizer=t.optimizer, learning_rate=float(t.learning_rate),
+                         weight_decay=float(t.weight_decay), max_grad_norm=float(t.max_grad_norm), eval_fraction=float(t.eval_fraction),
+                         rounds=t.rounds, eval_every=t.eval_every)
+        ask = PrivacyAsk(dp=p.dp, epsilon=float(p.epsilon), delta=float(p.delta), max_grad_norm=float(p.max_grad_norm),
+                         noise_multiplier=float(p.noise_multiplier), accountant=p.accountant, grad_sample_mode=p.grad_sample_mode,
+                         eval_metrics=p.eval_metrics)
+        config = record_of(plan, ask, *([extra] if extra is not None else []))
+        config.update(self.spec.to_flat())
         record, _ = to_record(cohort.state, self.cfg.federation.wire_dtype)
-        return RecordDict({"adapter": record, "config": ConfigRecord(cfg)})
+        return RecordDict({"adapter": record, "config": config})
 
     def _sample(self, cohort: Cohort) -> list[int]:
         """Poisson sampling of a cohort's sites: each independently with ``federation.site_sample_rate``."""
@@ -156,7 +167,7 @@ class Coordinator:
             if kind == "train":
                 nodes = cohort.selected = self._sample(cohort)
                 if self.client_dp is not None:
-                    extra = self.client_dp.site_config(cohort.name, len(nodes))
+                    extra = ClientDpAsk.read(self.client_dp.site_config(cohort.name, len(nodes)), "train")
                 if cohort.secure and self.secagg is not None and nodes:
                     secure = self.secagg.setup(cohort.name, nodes, round_, kind)
                     if secure is None:
@@ -186,6 +197,11 @@ class Coordinator:
                 out.refused.append(site)
                 cohort.exhausted.add(site)
                 continue
+            if reply is not None and reply.has_error() and reply.error.code == POLICY_REFUSED_CODE:
+                log.warning("round %d: site %s refused the round under its privacy policy: %s", round_, site, reply.error.reason)
+                out.failed.append(site)
+                out.policy_refused.append(site)
+                continue
             if reply is None or reply.has_error():
                 out.failed.append(site)
                 if reply is not None:
@@ -193,35 +209,67 @@ class Coordinator:
                 continue
             try:
                 if cohort.secure:
-                    keys = reply.content["secagg"]
+                    keys = read(SecAggKeys, reply.content, "train")
                     delta, m, unclipped = None, None, 0
-                    advertised = (bytes(keys["c_pk"]), bytes(keys["s_pk"]))
+                    advertised = (keys.c_pk, keys.s_pk)
                 else:
-                    delta, _ = from_record(reply.content["update"], shapes)
-                    m = reply.content["metrics"]
-                    unclipped = int(m["update_unclipped"]) if self.client_dp is not None else 0
-                event = None
-                if self.cfg.privacy.dp:
-                    if "privacy_event" not in reply.content:
-                        raise FedloraError("it sent an update without a privacy event while DP is on")
-                    event = event_from_dict(dict(reply.content["privacy_event"]))
-                    status = dict(reply.content["privacy"])
+                    delta, _ = from_record(arrays(reply.content, "update", "train"), shapes)
+                    m = read(TrainMetrics, reply.content, "train")
+                    if not m.num_examples > 0:
+                        raise FedloraError(f"it reported {m.num_examples} training examples")
+                    if m.train_loss is not None and not np.isfinite(m.train_loss):
+                        raise FedloraError(f"it reported a non-finite train loss {m.train_loss}")
+                    unclipped = int(m.update_unclipped or 0) if self.client_dp is not None else 0
+                    if unclipped not in (0, 1):
+                        raise FedloraError(f"its clip bit is {m.update_unclipped}, not 0 or 1")
+                attested = self._attest(cohort, site, reply, round_, "train")
             except (FedloraError, KeyError, ValueError) as e:
                 log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
                 out.failed.append(site)
                 continue
-            if event is not None:
-                self.ledger.record(event)
-                self.ledger.declare(site, delta=float(status["delta"]), delta_rule=str(status["delta_rule"]),
-                                    budget_epsilon=float(status["budget_epsilon"]), unit="one record at one site")
+            out.private |= attested
             if cohort.secure:  # the update stays masked at the site until the whole cohort's sum is unmasked
                 out.advertised[node] = advertised
                 continue
-            out.updates.append(SiteUpdate(site=site, delta=delta, weight=float(m["num_examples"])))
-            out.losses.append((float(m["train_loss"]), float(m["num_examples"])))
-            out.seconds.append(float(m["train_seconds"]))
+            out.updates.append(SiteUpdate(site=site, delta=delta, weight=float(m.num_examples)))
+            if m.train_loss is not None:
+                out.losses.append((m.train_loss, float(m.num_examples)))
+            if m.train_seconds is not None:
+                out.seconds.append(m.train_seconds)
             out.unclipped.append(unclipped)
         return out
+
+    def _attest(self, cohort: Cohort, site: str, reply: Message, round_: int, kind: str) -> bool:
+        """Check the privacy event a site attests and record it in the run's ledger; True if there
+        was one. The run's ledger is what the sites attest: an event for another round, cohort or
+        site, of the wrong kind, or one that puts the site above the budget it states, is refused
+        (the reply is rejected and the site named). With ``privacy.dp`` on, a train reply without
+        an event is refused too."""
+        got = read_event(reply.content, kind)
+        if got is None:
+            if self.cfg.privacy.dp and kind == "train":
+                raise FedloraError("it sent an update without a privacy event while DP is on")
+            return False
+        doc, status = got
+        event = event_from_dict(doc)
+        expected = DpSgdEvent if kind == "train" else EvalNoiseEvent
+        if not isinstance(event, expected):
+            raise FedloraError(f"its privacy event is of kind {event.kind!r}, expected {expected.kind!r} for {kind}")
+        if event.round != round_ or event.cohort != cohort.name or event.site != site:
+            raise FedloraError(f"its privacy event is for round {event.round}, cohort {event.cohort!r}, site {event.site!r}; "
+                               f"expected round {round_}, cohort {cohort.name!r}, site {site!r} (forged or replayed event refused)")
+        if not 0 < status.delta < 1 or not status.budget_epsilon > 0:
+            raise FedloraError(f"it attests delta {status.delta} and budget {status.budget_epsilon}")
+        trial = PrivacyLedger([*self.ledger.unit_events(site), event])
+        spent = trial.spent(site, status.delta, event.accountant)
+        if spent > status.budget_epsilon * (1 + 1e-6) + 1e-9:
+            raise FedloraError(f"its privacy events add up to epsilon {spent:.4g}, above the budget {status.budget_epsilon:g} it states "
+                               "(event refused)")
+        self.ledger.record(event)
+        self.ledger.declare(site, delta=status.delta, delta_rule=status.delta_rule, budget_epsilon=status.budget_epsilon,
+                            unit="one record at one site", attested_by="site", noise=status.noise, public_size=status.public_size,
+                            eval_metrics=status.eval_metrics)
+        return True
 
     def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         before = self.bytes_up, self.bytes_down
@@ -230,7 +278,9 @@ class Coordinator:
             got = self._collect(cohort, replies, round_)
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"sites_refused_budget": got.refused, "sites_selected": len(cohort.selected), "sites_trained": len(got.updates),
-                          "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds))})
+                          "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds)) if got.seconds else None})
+            if got.policy_refused:
+                entry["sites_refused_policy"] = got.policy_refused
             if cohort.secure:
                 self._secure_aggregate(grid, cohort, got, round_, entry)
             elif self.client_dp is not None and (got.updates or not cohort.selected):
@@ -259,7 +309,7 @@ class Coordinator:
         self.ledger.record(event)
         delta, rule = self.client_dp.delta(cohort.name)
         self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
-                            sites=len(cohort.nodes), sampling=f"poisson, rate {self.client_dp.q:g} per round")
+                            sites=len(cohort.nodes), sampling=self.client_dp.sampling, adjacency="zero-out")
 
     def _secure_aggregate(self, grid: Grid, cohort: Cohort, got: RoundReplies, round_: int, entry: dict[str, Any]) -> None:
         """Stages 2-4 of secure aggregation for a cohort whose sites advertised keys; the
@@ -273,20 +323,22 @@ class Coordinator:
         try:
             total, survivors, q = self.secagg.secure_sum(self._stage_exchange(grid), cohort.name, round_, got.advertised)
             agg = read_sum(total, {k: v.shape for k, v in cohort.state.items()}, q)
+            if agg.sites != len(survivors):
+                raise ValueError(f"the unmasked sum counts {agg.sites} site(s) but {len(survivors)} survived: a forged contribution")
+            mean, event, info = agg.mean_delta, None, {}
+            if self.client_dp is not None:
+                summed = {k: v * np.float32(agg.weight) for k, v in mean.items()}
+                mean, event, info = self.client_dp.release_sum(round_, cohort.name, summed, agg.sites, len(cohort.selected), agg.unclipped,
+                                                               self.rng, self.cfg.privacy.accountant)
         except (SecAggAbort, ValueError) as e:
             log.warning("round %d: secure aggregation of cohort %r aborted: %s", round_, cohort.name, e)
             entry["secure_aggregation_aborted"] = str(e)
             return
         lost = sorted(cohort.nodes[u] for u in set(got.advertised) - set(survivors))
         entry.update({"sites_trained": agg.sites, "sites_failed": got.failed + lost, "values_clipped": agg.clipped,
-                      "train_loss": agg.mean_loss, "site_train_seconds": None})
-        mean = agg.mean_delta
-        if self.client_dp is not None:
-            summed = {k: v * np.float32(agg.weight) for k, v in mean.items()}
-            mean, event, info = self.client_dp.release_sum(round_, cohort.name, summed, agg.sites, len(cohort.selected), agg.unclipped,
-                                                           self.rng, self.cfg.privacy.accountant)
+                      "train_loss": None if got.private else agg.mean_loss, "site_train_seconds": None, **info})
+        if event is not None:
             self._record_client_event(cohort, event)
-            entry.update(info)
         cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="secure-sum", delta=mean, weight=1.0)])
 
     def _stage_exchange(self, grid: Grid):
@@ -296,6 +348,16 @@ class Coordinator:
     def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         before = self.bytes_up, self.bytes_down
         replies = self._exchange(grid, self._broadcast("evaluate", round_))
+        for cohort in self.cohorts.values():
+            for node, site in cohort.nodes.items():
+                reply = replies.get(node)
+                if reply is None or reply.has_error():
+                    continue
+                try:
+                    self._attest(cohort, site, reply, round_, "evaluate")
+                except (FedloraError, KeyError, ValueError) as e:
+                    log.warning("round %d: rejected the eval metrics of site %s: %s", round_, site, e)
+                    del replies[node]
         for cohort in self.cohorts.values():
             entry = line["cohorts"].setdefault(cohort.name, {})
             if cohort.secure and self.cfg.secure_aggregation.metrics == "none":
@@ -347,7 +409,7 @@ class Coordinator:
                     self._evaluate_round(grid, r, line)
                 line["seconds"] = time.perf_counter() - t0
                 self.run_dir.append_metrics(line)
-                if self.cfg.privacy.dp or self.cfg.privacy.client_dp:
+                if self.cfg.privacy.dp or self.cfg.privacy.client_dp or self.ledger.events:
                     self.ledger.save(self.run_dir.path / "privacy_ledger.json")
                 last = line
                 save_checkpoint(self, r, initial, last)

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
+from fedlora.errors import FedloraError
 from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.secagg_vector import read_eval_sum
+from fedlora.protocol import EvalKept, EvalMetrics, SecAggKeys, read
 
 from .cohort import Cohort, ok_replies, weighted
 from .secure_round import Exchange, SecureAggregation
@@ -22,28 +24,58 @@ NO_METRICS: dict[str, Any] = {"eval_loss": None, "accuracy": None, "eval_example
                               "majority_baseline": None}
 
 
+def kept_at_sites(cohort: Cohort, replies: dict[int, Message], round_: int) -> list[str]:
+    """The sites that evaluated and kept their metrics (their policy), in name order."""
+    return [site for _, site, r in ok_replies(cohort, replies, round_, "evaluate") if EvalKept.record in r.content]
+
+
 def clear_metrics(cohort: Cohort, replies: dict[int, Message], round_: int) -> dict[str, Any]:
     """Example-weighted eval loss and accuracy over the sites' own metrics, the summed label
-    counts (majority baseline) and the sites' evaluation seconds."""
+    counts (majority baseline) and the sites' evaluation seconds. Sites that kept their metrics
+    are listed (``eval_kept_by``); a malformed reply is left out and logged."""
     losses, accs, seconds, counts = [], [], [], np.zeros(len(cohort.labels), dtype=np.int64)
-    for _, _, reply in ok_replies(cohort, replies, round_, "evaluate"):
-        m = reply.content["metrics"]
-        n = float(m["num_examples"])
-        losses.append((float(m["eval_loss"]), n))
-        accs.append((float(m["accuracy"]), n))
-        seconds.append(float(m["eval_seconds"]))
-        counts += np.asarray(list(m["label_counts"]), dtype=np.int64)
-    return {"eval_loss": weighted(losses), "accuracy": weighted(accs), "eval_examples": int(counts.sum()),
-            "site_eval_seconds": float(np.sum(seconds)),
-            "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None}
+    kept = kept_at_sites(cohort, replies, round_)
+    for _, site, reply in ok_replies(cohort, replies, round_, "evaluate"):
+        if site in kept:
+            continue
+        try:
+            m = read(EvalMetrics, reply.content, "evaluate")
+            if len(m.label_counts) != len(cohort.labels) or min(m.label_counts, default=0) < 0 or not np.isfinite(m.eval_loss):
+                raise FedloraError(f"label counts {list(m.label_counts)[:8]} for {len(cohort.labels)} labels, loss {m.eval_loss}")
+        except FedloraError as e:
+            log.warning("round %d: left out the eval metrics of site %s: %s", round_, site, e)
+            continue
+        n = float(m.num_examples)
+        losses.append((m.eval_loss, n))
+        accs.append((m.accuracy, n))
+        if m.eval_seconds is not None:
+            seconds.append(m.eval_seconds)
+        counts += np.asarray(m.label_counts, dtype=np.int64)
+    out = {"eval_loss": weighted(losses), "accuracy": weighted(accs), "eval_examples": int(counts.sum()),
+           "site_eval_seconds": float(np.sum(seconds)) if seconds else None,
+           "majority_baseline": float(counts.max() / counts.sum()) if counts.sum() else None}
+    if kept:
+        out["eval_kept_by"] = kept
+    return out
 
 
 def secure_metrics(secagg: SecureAggregation, exchange: Exchange, cohort: Cohort, replies: dict[int, Message],
                    round_: int) -> dict[str, Any]:
     """The same figures summed over the cohort with secure aggregation (the sites answered the
     ``evaluate`` message with their public keys); an abort leaves them unknown and says why."""
-    advertised = {node: (bytes(r.content["secagg"]["c_pk"]), bytes(r.content["secagg"]["s_pk"]))
-                  for node, _, r in ok_replies(cohort, replies, round_, "evaluate")}
+    advertised, kept = {}, []
+    for node, site, r in ok_replies(cohort, replies, round_, "evaluate"):
+        if EvalKept.record in r.content:
+            kept.append(site)
+            continue
+        try:
+            keys = read(SecAggKeys, r.content, "evaluate")
+        except FedloraError as e:
+            log.warning("round %d: left out site %s from the secure eval sum: %s", round_, site, e)
+            continue
+        advertised[node] = (keys.c_pk, keys.s_pk)
+    if kept and not advertised:
+        return NO_METRICS | {"eval_examples": 0, "eval_kept_by": kept}
     try:
         if not advertised:
             raise SecAggAbort("no site sent its keys")

@@ -26,12 +26,17 @@ def privacy_summary(cfg: PrivacyConfig, client_dp: ClientLevelDp | None, ledger:
                     cohorts: Mapping[str, Cohort]) -> dict[str, Any]:
     """Per site (sample-level DP) and per cohort (client-level DP): epsilon recomputed from the
     run's ledger at each unit's declared delta, with the parameters to recompute it."""
-    out: dict[str, Any] = {"dp": cfg.dp, "client_dp": cfg.client_dp}
+    out: dict[str, Any] = {"dp": cfg.dp, "client_dp": cfg.client_dp, "attested_by": "the sites (the coordinator checks and records "
+                           "what each site attests; the sites' own ledgers are authoritative)"}
     if client_dp is not None:
-        out["client_level"] = {"unit": "one whole site", "sampling": f"poisson, rate {client_dp.q:g} per round",
+        sampling = client_dp.sampling if client_dp.q >= 1 else (f"{client_dp.sampling} (sites picked at rate {client_dp.q:g} per "
+                                                                "round, accounted at sample rate 1)")
+        out["client_level"] = {"unit": "one whole site", "sampling": sampling,
+                               "adjacency": "zero-out: one site's contribution replaced by zeros (the site list is public)",
                                "noised_by": cfg.client_noise, "adaptive_clip": cfg.adaptive_clip,
                                "cohorts": {c: client_spend(ledger, c) for c in cohorts}}
-    if cfg.dp:
+    if cfg.dp or any(ledger.unit_events(s) for c in cohorts.values() for s in c.nodes.values()):
+        # sites whose own policy requires DP attest their events even when the run did not ask for DP
         spent = {s: site_spend(ledger, s) for c in cohorts.values() for s in sorted(c.nodes.values())}
         out |= {"unit": "one record at one site", "sampling": "poisson", "noised_by": "each site (DP-SGD)",
                 "sites": {s: v for s, v in sorted(spent.items()) if v is not None}}

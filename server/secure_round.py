@@ -26,11 +26,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedlora.config import SecureAggregationConfig
-from fedlora.errors import ConfigError
+from fedlora.errors import ConfigError, FedloraError
 from fedlora.model import derive_seed
 from fedlora.privacy.quantization import Quantizer, wire_dtype
 from fedlora.privacy.secagg import SecAggCoordinator, neighbours
 from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
+from fedlora.protocol import MaskedAsk, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, arrays, read, record_of
 
 log = logging.getLogger("fedlora.server")
 Exchange = Callable[[list[Message]], dict[int, Message]]
@@ -108,23 +109,35 @@ class SecureAggregation:
         round_id = self.round_id(cohort, round_, kind)
         coord, q = self._rounds.pop(round_id)
 
-        def stage(name: str, payloads: Mapping[int, dict[str, Any]]) -> dict[int, ConfigRecord]:
-            msgs = [Message(RecordDict({"secagg": ConfigRecord({"round_id": round_id, **p})}), node, f"{kind}.{name}", group_id=str(round_))
-                    for node, p in payloads.items()]
+        def stage(name: str, asks: Mapping[int, Any]) -> dict[int, RecordDict]:
+            msgs = [Message(RecordDict({"secagg": record_of(a)}), node, f"{kind}.{name}", group_id=str(round_)) for node, a in asks.items()]
             return {n: r.content for n, r in exchange(msgs).items() if not r.has_error()}
 
+        def readable(got: Mapping[int, RecordDict], fn: Callable[[RecordDict], Any], name: str) -> dict[int, Any]:
+            """Each reply read through the protocol; a malformed one counts as a dropout, named in the log."""
+            out = {}
+            for u, c in got.items():
+                try:
+                    out[u] = fn(c)
+                except (FedloraError, ValueError) as e:
+                    log.warning("round %d: a malformed %s reply from node %s counts as a dropout: %s", round_, name, u, e)
+            return out
+
         relayed = coord.relay_keys(dict(advertised))
-        got = stage("secagg_share", {u: {"peers": list(ks), "c_pk": [c for c, _ in ks.values()], "s_pk": [s for _, s in ks.values()]}
-                                     for u, ks in relayed.items()})
-        sent = {u: dict(zip(map(int, r["secagg"]["peers"]), map(bytes, r["secagg"]["ciphertexts"]), strict=True)) for u, r in got.items()}
+        got = readable(stage("secagg_share", {u: ShareAsk(round_id=round_id, peers=tuple(ks), c_pk=tuple(c for c, _ in ks.values()),
+                                                          s_pk=tuple(s for _, s in ks.values())) for u, ks in relayed.items()}),
+                       lambda c: read(ShareReply, c, f"{kind}.secagg_share"), "secagg_share")
+        sent = {u: dict(zip(r.peers, r.ciphertexts, strict=True)) for u, r in got.items()}
         inbox = coord.relay_shares(sent)
         wire = wire_dtype(coord.modulus_bits).name
-        got = stage("secagg_masked", {u: {"peers": list(box), "ciphertexts": list(box.values()), "wire_dtype": wire}
-                                      for u, box in inbox.items()})
-        masked = {u: np.frombuffer(r["masked"]["y"].data, dtype=np.dtype(wire).newbyteorder("<")) for u, r in got.items()}
+        got = readable(stage("secagg_masked", {u: MaskedAsk(round_id=round_id, peers=tuple(box), ciphertexts=tuple(box.values()),
+                                                            wire_dtype=wire) for u, box in inbox.items()}),
+                       lambda c: np.frombuffer(arrays(c, "masked", f"{kind}.secagg_masked")["y"].data, dtype=np.dtype(wire).newbyteorder("<")),
+                       "secagg_masked")
+        masked = dict(got)
         survivors, dropped = coord.unmask_request(masked)
-        got = stage("secagg_unmask", {u: {"survivors": survivors, "dropped": dropped} for u in survivors})
-        responses = {u: {int(p): (str(kind_), (int(x), bytes(y))) for p, kind_, x, y in
-                         zip(r["secagg"]["peers"], r["secagg"]["kinds"], r["secagg"]["x"], r["secagg"]["y"], strict=True)}
-                     for u, r in got.items()}
+        got = readable(stage("secagg_unmask", {u: UnmaskAsk(round_id=round_id, survivors=tuple(survivors), dropped=tuple(dropped))
+                                               for u in survivors}),
+                       lambda c: read(UnmaskReply, c, f"{kind}.secagg_unmask"), "secagg_unmask")
+        responses = {u: {p: (k, (x, y)) for p, k, x, y in zip(r.peers, r.kinds, r.x, r.y, strict=True)} for u, r in got.items()}
         return coord.aggregate(masked, responses), survivors, q

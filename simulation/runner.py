@@ -21,12 +21,13 @@ from fedlora.client.site import SiteSpec
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FederationError, RunInterrupted
 from fedlora.model import ModelSpec, get_runtime
+from fedlora.privacy.policy import SitePolicy
 from fedlora.server.app import make_server_app
 from fedlora.server.checkpoint import Checkpoint, open_stopped_run
 from fedlora.server.rundir import RunDir, default_run_dir
 from fedlora.server.secure_round import validate as validate_secure_aggregation
 
-from . import demo_data
+from . import demo_data, site_metrics
 from .local_grid import LocalGrid
 
 log = logging.getLogger("fedlora.simulation")
@@ -64,8 +65,18 @@ def plan_sites(cfg: RunConfig) -> Plan:
     unknown = sorted(set(budgets) - {s.name for s in sites})
     if unknown:
         raise ConfigError(f"privacy.budgets.{unknown[0]}", budgets[unknown[0]], f"no such site; sites: {', '.join(s.name for s in sites[:12])}")
-    sites = [replace(s, budget_epsilon=float(budgets[s.name])) if s.name in budgets else s for s in sites]
+    sites = [replace(s, policy=site_policy(cfg, s.name), budget_epsilon=cfg.privacy.budget_for(s.name)) for s in sites]
     return Plan(sites, labels, demo)
+
+
+def site_policy(cfg: RunConfig, site: str) -> SitePolicy:
+    """A virtual site's own privacy policy, from the run's ``[privacy]`` section: the budget it
+    requires (``privacy.budgets`` or ``privacy.epsilon`` when DP is on), its largest delta, its
+    accountant, what it does with eval metrics, and the research switch for seeded noise."""
+    p = cfg.privacy
+    return SitePolicy(epsilon=p.budget_for(site) if p.site_requires_dp(site) else 0.0, max_delta=float(p.delta),
+                      accountant=p.accountant, eval_metrics=p.eval_metrics, eval_budget_fraction=float(p.eval_budget_fraction),
+                      reproducible_noise=p.reproducible_noise)
 
 
 def _write_demo_data(cfg: RunConfig, plan: Plan, run_dir: RunDir, *, write: bool = True) -> list[SiteSpec]:
@@ -138,5 +149,9 @@ def _run(cfg: RunConfig, plan: Plan, run_dir: RunDir, sites: list[SiteSpec], che
     if not result:
         raise FederationError(f"the {cfg.federation.engine} engine finished without completing the run; see the log above "
                               f"(partial results in {run_dir.path})")
+    kept = site_metrics.read_kept(s.state_dir for s in sites if s.state_dir)
+    if kept:  # DP sites kept their eval metrics: the harness (which runs every site) reads them back
+        result = site_metrics.fill_summary(result, kept)
+        run_dir.write_json("summary.json", result)
     log.info("run finished in %.1f s: %s", time.perf_counter() - started, run_dir.path)
     return run_dir.path, result

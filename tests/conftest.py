@@ -65,9 +65,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def run_with(cfg, intercept) -> Path:
-    """Run a real federation in-process; ``intercept(msg, ctx, reply)`` sees (and may alter)
-    every site's reply. Returns the run directory."""
+def run_with(cfg, intercept=None, rewrite=None) -> Path:
+    """Run a real federation in-process; ``rewrite(msg, ctx)`` may alter every message before the
+    site's real handlers see it (a malicious coordinator), ``intercept(msg, ctx, reply)`` sees (and
+    may alter) every site's reply. Returns the run directory."""
     from fedlora.client.app import make_client_app
     from fedlora.server.app import make_server_app
     from fedlora.server.rundir import RunDir
@@ -79,7 +80,10 @@ def run_with(cfg, intercept) -> Path:
     real = make_client_app(sites, device="cpu")
 
     def client(msg, ctx):
-        return intercept(msg, ctx, real(msg, ctx))
+        if rewrite is not None:
+            msg = rewrite(msg, ctx)
+        reply = real(msg, ctx)
+        return intercept(msg, ctx, reply) if intercept is not None else reply
 
     server = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=False)
     run_engine(cfg, sites, server, client)

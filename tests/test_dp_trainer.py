@@ -12,6 +12,7 @@ from fedlora.client.dp_trainer import DpSgdSettings, PrivacyCheckError, train_lo
 from fedlora.client.trainer import LocalTrainSettings, train_local
 from fedlora.model import ModelSpec, get_runtime
 from fedlora.privacy.accounting import Mechanism, epsilon
+from fedlora.privacy.randomness import RoundSeeds
 from fedlora.simulation.demo_data import LABELS, generate_site
 
 
@@ -36,7 +37,7 @@ def _norm(delta: dict) -> float:
 def _run(site, dp: DpSgdSettings, lr: float = 1.0, seed: int = 0, mode: str = "hooks"):
     rt, enc, state = site
     return train_local_dp(rt, state, enc, _sgd(lr), dp, seed=seed, site="bank-1", cohort="finance", num_labels=3, round_=1,
-                          grad_sample_mode=mode)
+                          seeds=RoundSeeds.reproducible(seed, "bank-1", 1), grad_sample_mode=mode)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
@@ -90,7 +91,7 @@ def test_self_checks_refuse_a_model_in_eval_mode_and_an_adapter_that_did_not_mov
     moved_before = {k: v + np.float32(0.05) for k, v in state.items()}  # B != 0, so a 1e-30 step changes no float32
     with pytest.raises(PrivacyCheckError, match="did not move"):
         train_local_dp(rt, moved_before, enc, _sgd(1e-30), DpSgdSettings(0.0, 1.0, 1.0), seed=0, site="s", cohort="finance",
-                       num_labels=3, round_=1)
+                       num_labels=3, round_=1, seeds=RoundSeeds.fresh())
     # a wrapper whose .train() does not reach the modules (Opacus would then see no activations)
     monkeypatch.setattr(type(rt.peft_model), "train", lambda self, mode=True: torch.nn.Module.train(self, False))
     with pytest.raises(PrivacyCheckError, match="not in train mode"):

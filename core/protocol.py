@@ -1,0 +1,363 @@
+"""Every message between the coordinator and a site, declared once (the round-message seam).
+
+Each record that crosses the wire is a frozen dataclass below; each field names its wire key
+(``metadata["key"]``, default the field name), its type (the annotation) and the entry of the
+release catalogue it falls under (``metadata["release"]``, see ``fedlora.privacy.releases``) when
+it travels from a site to the coordinator. ``to_record`` / ``from_record`` are the only way
+the coordinator and the sites build and read messages: a missing key, a value of the wrong type
+or an unknown key is a ``ProtocolError`` naming the message, the record and the key.
+
+Messages (``message_type``: request records -> reply records):
+
+* ``query``:    ``config`` (``ModelOffer``)                  -> ``site`` (``SiteInfo``)
+* ``train``:    ``config`` (``RoundPlan`` + ``PrivacyAsk`` + ``ClientDpAsk``), ``adapter`` (arrays),
+                optionally ``secagg`` (``SecAggSetup``)
+                -> ``update`` (arrays) + ``metrics`` (``TrainMetrics``), or ``secagg`` (``SecAggKeys``);
+                   with DP also ``privacy_event`` (the event dict) + ``privacy`` (``PrivacyStatus``)
+* ``evaluate``: the same request records (the adapter to evaluate)
+                -> ``metrics`` (``EvalMetrics``), or ``secagg`` (``SecAggKeys``), or nothing
+                   (``metrics_kept`` in ``EvalKept``: the site kept its metrics); with noised
+                   metrics also ``privacy_event`` + ``privacy``
+* ``<kind>.secagg_share``:  ``secagg`` (``ShareAsk``)   -> ``secagg`` (``ShareReply``)
+* ``<kind>.secagg_masked``: ``secagg`` (``MaskedAsk``)  -> ``masked`` (one array ``y``)
+* ``<kind>.secagg_unmask``: ``secagg`` (``UnmaskAsk``)  -> ``secagg`` (``UnmaskReply``)
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from .errors import ProtocolError
+
+
+def _key(name: str, release: str | None = None, **kw: Any) -> Any:
+    meta = {"key": name}
+    if release:
+        meta["release"] = release
+    return field(metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A record's fields; ``record`` is its name in the message, ``kind`` config or metric."""
+
+    record: ClassVar[str] = "config"
+    kind: ClassVar[str] = "config"
+    prefix: ClassVar[str] = ""  # keys of this part share a record with others (``privacy.``...)
+
+    @classmethod
+    def wire_keys(cls) -> dict[str, str]:
+        """field name -> wire key"""
+        return {f.name: f.metadata.get("key", f.name) for f in fields(cls)}
+
+    @classmethod
+    def releases(cls) -> dict[str, str | None]:
+        """wire key -> release catalogue name (None for coordinator -> site fields)"""
+        return {f.metadata.get("key", f.name): f.metadata.get("release") for f in fields(cls)}
+
+    def flat(self) -> dict[str, Any]:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            out[f.metadata.get("key", f.name)] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def read(cls, rec: Mapping[str, Any], message: str) -> Any:
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in fields(cls):
+            key = f.metadata.get("key", f.name)
+            if key not in rec:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    raise ProtocolError(f"{message}: record {cls.record!r} lacks key {key!r}")
+                continue
+            kwargs[f.name] = _coerce(rec[key], hints[f.name], f"{message}: {cls.record}.{key}")
+        return cls(**kwargs)
+
+
+def _coerce(v: Any, hint: Any, where: str) -> Any:
+    text = str(hint)
+    optional = "None" in text
+    if v is None and optional:
+        return None
+    base = text.replace(" | None", "").replace("typing.Optional[", "").rstrip("]") if optional else text
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ProtocolError(f"{where}: expected {expected}, got {type(v).__name__} {str(v)[:40]!r}")
+
+    if base in ("int", "<class 'int'>"):
+        if isinstance(v, bool) or not isinstance(v, int):
+            fail("an integer")
+        return int(v)
+    if base in ("float", "<class 'float'>"):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail("a number")
+        return float(v)
+    if base in ("bool", "<class 'bool'>"):
+        if not isinstance(v, bool):
+            fail("true or false")
+        return v
+    if base in ("str", "<class 'str'>"):
+        if not isinstance(v, str):
+            fail("a string")
+        return v
+    if base in ("bytes", "<class 'bytes'>"):
+        if not isinstance(v, bytes):
+            fail("bytes")
+        return v
+    if base.startswith("tuple[str"):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+            fail("a list of strings")
+        return tuple(v)
+    if base.startswith("tuple[int"):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            fail("a list of integers")
+        return tuple(int(x) for x in v)
+    if base.startswith("tuple[float"):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            fail("a list of numbers")
+        return tuple(float(x) for x in v)
+    if base.startswith("tuple[bytes"):
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, bytes) for x in v):
+            fail("a list of bytes")
+        return tuple(v)
+    return v
+
+
+# ---- query ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SiteInfo(Part):
+    record: ClassVar[str] = "site"
+    name: str = _key("name", "query.identity")
+    cohort: str = _key("cohort", "query.identity")
+
+
+# ---- train / evaluate requests --------------------------------------------------------
+@dataclass(frozen=True)
+class RoundPlan(Part):
+    """The public round plan (shared by every site of a cohort). ``seed`` is the run's public
+    seed: it fixes the initial adapter and the data split, never a DP secret."""
+
+    round: int = _key("round")
+    cohort: str = _key("cohort")
+    labels: tuple[str, ...] = _key("labels")
+    seed: int = _key("seed")
+    wire_dtype: str = _key("wire_dtype")
+    local_steps: int = _key("train.local_steps")
+    local_epochs: float = _key("train.local_epochs")
+    batch_size: int = _key("train.batch_size")
+    optimizer: str = _key("train.optimizer")
+    learning_rate: float = _key("train.learning_rate")
+    weight_decay: float = _key("train.weight_decay")
+    max_grad_norm: float = _key("train.max_grad_norm")
+    eval_fraction: float = _key("train.eval_fraction")
+    rounds: int = _key("train.rounds")
+    eval_every: int = _key("train.eval_every", default=1)
+
+
+@dataclass(frozen=True)
+class PrivacyAsk(Part):
+    """What the coordinator asks of the sites' privacy: a request, never an order (``fedlora.privacy.policy``)."""
+
+    dp: bool = _key("privacy.dp", default=False)
+    epsilon: float = _key("privacy.epsilon", default=8.0)
+    delta: float = _key("privacy.delta", default=0.0)
+    max_grad_norm: float = _key("privacy.max_grad_norm", default=1.0)
+    noise_multiplier: float = _key("privacy.noise_multiplier", default=0.0)
+    accountant: str = _key("privacy.accountant", default="rdp")
+    grad_sample_mode: str = _key("privacy.grad_sample_mode", default="hooks")
+    eval_metrics: str = _key("privacy.eval_metrics", default="site")
+
+
+@dataclass(frozen=True)
+class ClientDpAsk(Part):
+    """Client-level DP for this round: clip to C; with site noise, each site draws its own
+    share ``N(0, (z C)^2 / m)`` from public z and m with its own secret randomness."""
+
+    client_dp: bool = _key("privacy.client_dp", default=False)
+    clip_norm: float = _key("privacy.client_clip_norm", default=1.0)
+    noise: str = _key("privacy.client_noise", default="coordinator")
+    noise_multiplier: float = _key("privacy.client_noise_multiplier", default=0.0)
+    sites: int = _key("privacy.client_sites", default=1)
+
+
+@dataclass(frozen=True)
+class SecAggSetup(Part):
+    """One site's view of a secure-aggregation instance (record ``secagg`` of its message)."""
+
+    record: ClassVar[str] = "secagg"
+    round_id: str = _key("round_id")
+    threshold: int = _key("threshold")
+    modulus_bits: int = _key("modulus_bits")
+    neighbours: tuple[int, ...] = _key("neighbours")
+    bits: int | None = _key("bits", default=None)
+    clip_range: float | None = _key("clip_range", default=None)
+    weight_scale: float | None = _key("weight_scale", default=None)
+
+
+# ---- train / evaluate replies ---------------------------------------------------------
+@dataclass(frozen=True)
+class TrainMetrics(Part):
+    record: ClassVar[str] = "metrics"
+    kind: ClassVar[str] = "metric"
+    num_examples: int = _key("num_examples", "train.size")
+    steps: int = _key("steps", "train.plan")
+    train_loss: float | None = _key("train_loss", "train.loss", default=None)
+    train_seconds: float | None = _key("train_seconds", "train.seconds", default=None)
+    update_unclipped: int | None = _key("update_unclipped", "train.client_clip_bit", default=None)
+
+
+@dataclass(frozen=True)
+class EvalMetrics(Part):
+    record: ClassVar[str] = "metrics"
+    kind: ClassVar[str] = "metric"
+    eval_loss: float = _key("eval_loss", "evaluate.metrics")
+    accuracy: float = _key("accuracy", "evaluate.metrics")
+    num_examples: int = _key("num_examples", "evaluate.metrics")
+    label_counts: tuple[int, ...] = _key("label_counts", "evaluate.metrics")
+    eval_seconds: float | None = _key("eval_seconds", "evaluate.seconds", default=None)
+
+
+@dataclass(frozen=True)
+class EvalKept(Part):
+    """The site evaluated and kept its metrics (policy ``eval_metrics = "site"``)."""
+
+    record: ClassVar[str] = "kept"
+    metrics_kept: bool = _key("metrics_kept", "evaluate.kept", default=True)
+
+
+@dataclass(frozen=True)
+class PrivacyStatus(Part):
+    """The site's attestation of its budget beside its privacy event (record ``privacy``)."""
+
+    record: ClassVar[str] = "privacy"
+    epsilon_spent: float = _key("epsilon_spent", "privacy.status")
+    budget_epsilon: float = _key("budget_epsilon", "privacy.status")
+    delta: float = _key("delta", "privacy.status")
+    delta_rule: str = _key("delta_rule", "privacy.status")
+    noise: str = _key("noise", "privacy.status", default="secret")  # secret | reproducible
+    eval_metrics: str = _key("eval_metrics", "privacy.status", default="site")
+    public_size: int = _key("public_size", "privacy.status", default=0)
+
+
+@dataclass(frozen=True)
+class SecAggKeys(Part):
+    record: ClassVar[str] = "secagg"
+    c_pk: bytes = _key("c_pk", "secagg.keys")
+    s_pk: bytes = _key("s_pk", "secagg.keys")
+
+
+# ---- secure-aggregation stages 2-4 ----------------------------------------------------
+@dataclass(frozen=True)
+class ShareAsk(Part):
+    record: ClassVar[str] = "secagg"
+    round_id: str = _key("round_id")
+    peers: tuple[int, ...] = _key("peers")
+    c_pk: tuple[bytes, ...] = _key("c_pk")
+    s_pk: tuple[bytes, ...] = _key("s_pk")
+
+
+@dataclass(frozen=True)
+class ShareReply(Part):
+    record: ClassVar[str] = "secagg"
+    peers: tuple[int, ...] = _key("peers", "secagg.shares")
+    ciphertexts: tuple[bytes, ...] = _key("ciphertexts", "secagg.shares")
+
+
+@dataclass(frozen=True)
+class MaskedAsk(Part):
+    record: ClassVar[str] = "secagg"
+    round_id: str = _key("round_id")
+    peers: tuple[int, ...] = _key("peers")
+    ciphertexts: tuple[bytes, ...] = _key("ciphertexts")
+    wire_dtype: str = _key("wire_dtype")
+
+
+@dataclass(frozen=True)
+class UnmaskAsk(Part):
+    record: ClassVar[str] = "secagg"
+    round_id: str = _key("round_id")
+    survivors: tuple[int, ...] = _key("survivors")
+    dropped: tuple[int, ...] = _key("dropped")
+
+
+@dataclass(frozen=True)
+class UnmaskReply(Part):
+    record: ClassVar[str] = "secagg"
+    peers: tuple[int, ...] = _key("peers", "secagg.unmask")
+    kinds: tuple[str, ...] = _key("kinds", "secagg.unmask")
+    x: tuple[int, ...] = _key("x", "secagg.unmask")
+    y: tuple[bytes, ...] = _key("y", "secagg.unmask")
+
+
+# ---- building and reading whole messages ----------------------------------------------
+def record_of(*parts: Part) -> ConfigRecord | MetricRecord:
+    """One record from parts that share it (e.g. ``RoundPlan`` + ``PrivacyAsk`` in ``config``)."""
+    flat: dict[str, Any] = {}
+    for p in parts:
+        flat.update(p.flat())
+    return MetricRecord(flat) if parts and parts[0].kind == "metric" else ConfigRecord(flat)
+
+
+def content(parts: Mapping[str, ConfigRecord | MetricRecord | ArrayRecord]) -> RecordDict:
+    return RecordDict(dict(parts))
+
+
+def read(cls: type, content_: RecordDict, message: str, record: str | None = None) -> Any:
+    """Read one part from a message's content; ``ProtocolError`` if its record is missing."""
+    name = record or cls.record
+    if name not in content_:
+        raise ProtocolError(f"{message}: the message has no record {name!r}")
+    return cls.read(content_[name], message)
+
+
+def read_event(content_: RecordDict, message: str) -> tuple[dict[str, Any], PrivacyStatus] | None:
+    """The privacy event and status a reply attests, or None if it carries none."""
+    if "privacy_event" not in content_:
+        return None
+    if "privacy" not in content_:
+        raise ProtocolError(f"{message}: a privacy event without the site's privacy status")
+    return dict(content_["privacy_event"]), PrivacyStatus.read(content_["privacy"], message)
+
+
+def arrays(content_: RecordDict, name: str, message: str) -> ArrayRecord:
+    if name not in content_ or not isinstance(content_[name], ArrayRecord):
+        raise ProtocolError(f"{message}: the message has no array record {name!r}")
+    return content_[name]
+
+
+# Every message type and the parts of its request and reply: what the contract test walks and
+# what the README's "what the coordinator sees" table is checked against.
+MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
+    "query": {"request": (), "reply": (SiteInfo,)},
+    "train": {"request": (RoundPlan, PrivacyAsk, ClientDpAsk, SecAggSetup),
+              "reply": (TrainMetrics, SecAggKeys, PrivacyStatus)},
+    "evaluate": {"request": (RoundPlan, PrivacyAsk, SecAggSetup), "reply": (EvalMetrics, EvalKept, SecAggKeys, PrivacyStatus)},
+    "secagg_share": {"request": (ShareAsk,), "reply": (ShareReply,)},
+    "secagg_masked": {"request": (MaskedAsk,), "reply": ()},
+    "secagg_unmask": {"request": (UnmaskAsk,), "reply": (UnmaskReply,)},
+}
+# arrays and records that are not parts: site -> coordinator, with their release names
+ARRAY_RELEASES = {"train": {"update": "train.update", "privacy_event": "privacy.event"},
+                  "evaluate": {"privacy_event": "privacy.event"},
+                  "secagg_masked": {"masked": "secagg.masked"}}
+
+
+def site_releases() -> dict[str, dict[str, str]]:
+    """message type -> {wire key: release name} of everything a site sends the coordinator."""
+    out: dict[str, dict[str, str]] = {}
+    for message, sides in MESSAGES.items():
+        keys: dict[str, str] = {}
+        for part in sides["reply"]:
+            keys |= {k: r for k, r in part.releases().items() if r}
+        keys |= ARRAY_RELEASES.get(message, {})
+        out[message] = keys
+    return out
