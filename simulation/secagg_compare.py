@@ -33,6 +33,7 @@ from fedlora.config import SecureAggregationConfig
 from fedlora.records import content_bytes
 from fedlora.server.secure_round import SecureAggregation, plan
 from fedlora.privacy.secagg_vector import read_sum
+from fedlora.protocol import SecAggSetup, read
 
 from .local_grid import LocalGrid
 
@@ -97,7 +98,7 @@ def run_ours(updates: Sequence[np.ndarray], examples: Sequence[int], cfg: Secure
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
         i = int(ctx.node_config["partition-id"])
-        setup = msg.content["secagg"]
+        setup = read(SecAggSetup, msg.content, "train")
         vector = secagg_site.train_vector(setup, {"x": updates[i]}, int(examples[i]), 0.0)
         return Message(secagg_site.begin(ctx, setup, vector), reply_to=msg)
 

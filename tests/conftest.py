@@ -75,12 +75,15 @@ def run_with(cfg, intercept=None, rewrite=None) -> Path:
     from fedlora.simulation.runner import _write_demo_data, plan_sites, run_engine
 
     plan = plan_sites(cfg)
-    run_dir = RunDir.create(cfg.out)
+    run_dir = RunDir.start(cfg)  # with config.toml, as fedlora simulate writes it
     sites = _write_demo_data(cfg, plan, run_dir)
     real = make_client_app(sites, device="cpu")
 
     def client(msg, ctx):
-        if rewrite is not None:
+        if rewrite is not None:  # the coordinator shares one content between a cohort's messages: rewrite a copy
+            from flwr.app import ConfigRecord, RecordDict
+
+            msg.content = RecordDict({k: ConfigRecord(dict(v)) if isinstance(v, ConfigRecord) else v for k, v in msg.content.items()})
             msg = rewrite(msg, ctx)
         reply = real(msg, ctx)
         return intercept(msg, ctx, reply) if intercept is not None else reply

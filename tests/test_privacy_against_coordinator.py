@@ -31,6 +31,16 @@ from fedlora.simulation.runner import _write_demo_data, plan_sites, simulate
 ONE_SITE = {"finance": {"sites": 1}}
 
 
+def _asking(keys: dict):
+    """A malicious coordinator: every message's config carries ``keys`` instead of what the run set."""
+    def rewrite(msg, ctx):
+        if "config" in msg.content:
+            for k, v in keys.items():
+                msg.content["config"][k] = v
+        return msg
+    return rewrite
+
+
 def _train_replies(cfg, rewrite=None) -> tuple[Path, list]:
     seen = []
 
@@ -95,12 +105,7 @@ def test_two_dp_runs_differ_and_two_plain_runs_are_identical(make_config, tmp_pa
 def test_malicious_coordinator_switching_dp_off_gets_dp_anyway(make_config, tmp_path: Path) -> None:
     """Finding 2: the coordinator says ``privacy.dp = false`` (and no noise, and a huge epsilon) to a site
     whose own policy requires epsilon 4: the site trains with DP within 4 all the same."""
-    def weaken(msg, ctx):
-        if "config" in msg.content:
-            cfg = msg.content["config"]
-            cfg["privacy.dp"], cfg["privacy.epsilon"], cfg["privacy.noise_multiplier"] = False, 900.0, 0.0
-        return msg
-
+    weaken = _asking({"privacy.dp": False, "privacy.epsilon": 900.0, "privacy.noise_multiplier": 0.0})
     cfg = make_config(tmp_path / "run", train__rounds=2, privacy={"dp": False, "budgets": {"finance-1": 4.0}})
     run, seen = _train_replies(cfg, weaken)
     by_site = {}
@@ -117,11 +122,7 @@ def test_malicious_coordinator_switching_dp_off_gets_dp_anyway(make_config, tmp_
 
 
 def test_malicious_coordinator_asking_for_a_larger_delta_is_refused_and_nothing_is_released(make_config, tmp_path: Path) -> None:
-    def weaken(msg, ctx):
-        if "config" in msg.content:
-            msg.content["config"]["privacy.delta"] = 0.5
-        return msg
-
+    weaken = _asking({"privacy.delta": 0.5})
     cfg = make_config(tmp_path / "run", train__rounds=1, cohorts=ONE_SITE, privacy={"dp": True, "epsilon": 1.0})
     seen = []
     with pytest.raises(FederationError, match="every site of cohort 'finance' failed"):
@@ -133,11 +134,7 @@ def test_malicious_coordinator_asking_for_a_larger_delta_is_refused_and_nothing_
 
 def test_malicious_coordinator_cannot_lower_the_noise_it_is_told_is_fixed(make_config, tmp_path: Path) -> None:
     """A requested noise multiplier is a floor: asking for 0.01 leaves the site's calibrated sigma."""
-    def low(msg, ctx):
-        if "config" in msg.content:
-            msg.content["config"]["privacy.noise_multiplier"] = 0.01
-        return msg
-
+    low = _asking({"privacy.noise_multiplier": 0.01})
     cfg = make_config(tmp_path / "run", train__rounds=1, cohorts=ONE_SITE, privacy={"dp": True, "epsilon": 1.0})
     _, seen = _train_replies(cfg, low)
     assert event_from_dict(dict(seen[0][2].content["privacy_event"])).noise_multiplier > 1.0
