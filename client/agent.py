@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import sys
 import subprocess
 import threading
 import time
@@ -180,6 +181,14 @@ def run_site(opts: SiteOptions, stopping: threading.Event | None = None, say=pri
 
     check_site(opts)
     logging.getLogger("flwr").setLevel(logging.ERROR)  # the worker's retries while the SuperNode (re)connects are expected
+    site_log = logging.getLogger("fedlora.client")  # one line per round at the site: what it trained, what it spent
+    if not any(getattr(h, "fedlora_site", False) for h in site_log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.fedlora_site = True  # type: ignore[attr-defined]
+        handler.setFormatter(logging.Formatter("%(asctime)s fedlora client %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        site_log.addHandler(handler)
+        site_log.setLevel(logging.INFO)
+        site_log.propagate = False
     stopping = stopping or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -33,7 +33,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.errors import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE, SITE_ERROR_CODE, FedloraError, ProtocolError
+from fedlora.errors import DataError, BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE, SITE_ERROR_CODE, FedloraError, ProtocolError
 from fedlora.files import append_line
 from fedlora.model import LoraRuntime, ModelSpec, get_runtime
 from fedlora.privacy import eval_release
@@ -124,7 +124,10 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
                 log.log(logging.WARNING if budget else logging.ERROR, "site %s refused %s: %s", site.name, msg.metadata.message_type, e)
                 code = (BUDGET_EXHAUSTED_CODE if budget else POLICY_REFUSED_CODE if isinstance(e, PolicyRefused)
                         else PROTOCOL_ERROR_CODE if isinstance(e, ProtocolError) else SITE_ERROR_CODE)
-                return Message(Error(code=code, reason=f"site {site.name}: {e}"), reply_to=msg)
+                # what a data error says (a row, a label, a path) stays in the site's own log
+                reason = (f"site {site.name}: its data does not fit this cohort's plan (details in the site's own log)"
+                          if isinstance(e, DataError) else f"site {site.name}: {e}")
+                return Message(Error(code=code, reason=reason), reply_to=msg)
 
         return run
 
@@ -151,6 +154,9 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         runtime, plan, eff, data, state = prepare(msg, site)
         ask = read(ClientDpAsk, msg.content, "train")
         setup = secagg_setup(msg)
+        if ask.client_dp and ask.noise == "sites" and setup is None:
+            raise PolicyRefused("asked to add only a share of the client-level noise, but without secure aggregation: the "
+                                "coordinator would see this update with 1/m of the noise; nothing released")
         privacy: tuple[dict, dict] | None = None
         if eff.dp:
             result, *privacy = private_round(runtime, plan, eff, ctx, data.train, state, _settings(plan), site=site,

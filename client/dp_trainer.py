@@ -47,6 +47,8 @@ class DpSgdSettings:
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float  # Poisson rate q; expected batch q * n
+    expected_batch: int = 0  # the denominator of the noisy mean; 0: round(q * len(examples)). Sites pass q * public size,
+    # so that the update's scale never reveals the exact n
 
 
 def _check_setup(runtime: LoraRuntime, params: list[nn.Parameter]) -> None:
@@ -79,6 +81,20 @@ def _wrap(model: nn.Module, base_opt: torch.optim.Optimizer, dp: DpSgdSettings, 
     raise FedloraError(f"unknown grad_sample_mode {mode!r}; known: hooks, ghost")
 
 
+def _zero_non_finite_examples(params: list[nn.Parameter]) -> None:
+    """An example whose per-example gradient is not finite anywhere (a crafted adapter can make one
+    record's loss overflow) contributes zeros instead: its contribution stays within the clip
+    bound, and the round neither fails nor carries NaN because of one record (no data-dependent error)."""
+    bad = None
+    for p in params:
+        gs = p.grad_sample
+        rows = ~torch.isfinite(gs.reshape(gs.shape[0], -1)).all(dim=1)
+        bad = rows if bad is None else bad | rows
+    if bad is not None and bool(bad.any()):
+        for p in params:
+            p.grad_sample[bad] = 0
+
+
 def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], examples: EncodedExamples,
                    settings: LocalTrainSettings, dp: DpSgdSettings, *, seed: int, site: str, cohort: str, num_labels: int,
                    round_: int, seeds: RoundSeeds, grad_sample_mode: str = "hooks") -> tuple[TrainResult, DpSgdEvent]:
@@ -96,7 +112,7 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
     _check_setup(runtime, params)
     n = len(examples)
     steps = settings.steps_for(n)
-    expected_batch = max(1, int(round(dp.sample_rate * n)))
+    expected_batch = dp.expected_batch or max(1, int(round(dp.sample_rate * n)))
     noise_gen = torch.Generator(device=runtime.device).manual_seed(seeds.torch_seed("noise"))
     gsm, opt, ghost = _wrap(model, make_optimizer(params, settings), dp, expected_batch, noise_gen, grad_sample_mode)
     try:
@@ -131,6 +147,8 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
                 if missing:
                     raise PrivacyCheckError(f"{len(missing)} trainable parameter(s) got no clipped gradients ({grad_sample_mode} mode); "
                                             "refusing to release an update whose clipping is not guaranteed")
+                if not ghost:
+                    _zero_non_finite_examples(params)
                 losses.append(float(per_example.detach().mean()))
             opt.step()
         seconds = time.perf_counter() - start

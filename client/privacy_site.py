@@ -35,7 +35,7 @@ from flwr.app import ConfigRecord, Context
 from fedlora.errors import FedloraError
 from fedlora.files import write_text_atomic
 from fedlora.model import LoraRuntime
-from fedlora.privacy.accounting import Mechanism, calibrate_noise, default_delta
+from fedlora.privacy.accounting import Mechanism, calibrate_noise, default_delta, epsilon
 from fedlora.privacy.clipping import add_gaussian_noise, clip_update, noise_std
 from fedlora.privacy.events import DpSgdEvent, EvalNoiseEvent, event_to_dict
 from fedlora.privacy.ledger import PrivacyLedger
@@ -76,13 +76,13 @@ def state_file(site: SiteSpec) -> Path | None:
 
 
 def _load(ctx: Context, path: Path | None) -> tuple[PrivacyLedger, Calibration | None]:
-    """The site's ledger and calibration: from the node's context state, else from its state
-    file (after a process restart), else empty."""
-    if STATE_KEY in ctx.state:
+    """The site's ledger and calibration: from its state file (the one ledger of the site, whatever
+    run or process asks), else from the node's context state (a site without a state folder), else empty."""
+    if path is not None and path.is_file():  # the state file is the ledger: every run on this site spends from it
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    elif STATE_KEY in ctx.state:
         rec = ctx.state[STATE_KEY]
         doc = json.loads(str(rec["doc"]))
-    elif path is not None and path.is_file():
-        doc = json.loads(path.read_text(encoding="utf-8"))
     else:
         return PrivacyLedger(), None
     cal = doc.get("calibration")
@@ -136,11 +136,18 @@ class SitePrivacy:
                                 prior=prior)
         return Calibration(max(sigma, self.eff.min_noise_multiplier), max(sigma_eval, self.eff.min_noise_multiplier if evals else 0.0))
 
+    def own_events(self) -> list[DpSgdEvent | EvalNoiseEvent]:
+        """Every sample-level event in this site's own ledger, whatever name or identity it was
+        recorded under (the ledger belongs to this site alone: renaming or re-keying resets nothing)."""
+        return [e for e in self.ledger.events if isinstance(e, (DpSgdEvent, EvalNoiseEvent))]
+
     def spent(self) -> float:
-        return self.ledger.identity_spent(self.site.key_identity, self.delta, self.accountant)
+        return epsilon([Mechanism(e.noise_multiplier, e.sample_rate, e.steps) for e in self.own_events()], self.delta, self.accountant)
 
     def check(self, planned: DpSgdEvent | EvalNoiseEvent) -> float:
-        exceeds, after = self.ledger.would_exceed(planned, self.eff.epsilon, self.delta, self.accountant)
+        mechs = [Mechanism(e.noise_multiplier, e.sample_rate, e.steps) for e in [*self.own_events(), planned]]
+        after = epsilon(mechs, self.delta, self.accountant)
+        exceeds = after > self.eff.epsilon
         if exceeds:
             raise BudgetExhausted(f"privacy budget exhausted: spent epsilon {self.spent():.3f} of {self.eff.epsilon:g} "
                                   f"(delta {self.delta:.2g}); round {self.plan.round} would reach {after:.3f}")
@@ -156,7 +163,7 @@ class SitePrivacy:
                              eval_metrics=self.eff.eval_metrics, public_size=self.n_public).flat()
 
     def attempt(self) -> int:
-        return sum(1 for e in self.ledger.identity_events(self.site.key_identity) if isinstance(e, DpSgdEvent) and e.round == self.plan.round)
+        return sum(1 for e in self.own_events() if isinstance(e, DpSgdEvent) and e.round == self.plan.round)
 
 
 def private_round(runtime: LoraRuntime, plan: RoundPlan, eff: EffectivePrivacy, ctx: Context, train: EncodedExamples,
@@ -182,7 +189,8 @@ def private_round(runtime: LoraRuntime, plan: RoundPlan, eff: EffectivePrivacy, 
     public_settings = LocalTrainSettings(sp.steps, 0.0, settings.batch_size, settings.optimizer, settings.learning_rate,
                                          settings.weight_decay, settings.max_grad_norm)
     result, ran = train_local_dp(runtime, global_state, train, public_settings,
-                                 DpSgdSettings(sp.calibration.noise_multiplier, eff.max_grad_norm, sp.q), seed=plan.seed,
+                                 DpSgdSettings(sp.calibration.noise_multiplier, eff.max_grad_norm, sp.q,
+                                               expected_batch=max(1, int(round(sp.q * sp.n_public)))), seed=plan.seed,
                                  site=site.name, cohort=site.cohort, num_labels=num_labels, round_=plan.round,
                                  seeds=round_seeds(site, plan, sp.attempt()), grad_sample_mode=eff.grad_sample_mode)
     mechanism = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm")

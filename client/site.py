@@ -14,6 +14,14 @@ from fedlora.errors import ConfigError, FedloraError
 from fedlora.privacy.policy import SitePolicy
 
 
+def _whole(value: Any, key: str) -> int:
+    """A whole number from a node config value (``2.7`` or ``"2.7"`` is refused, not truncated)."""
+    f = float(value)
+    if f != int(f):
+        raise ValueError(f"{key} = {value!r} must be a whole number")
+    return int(f)
+
+
 @dataclass(frozen=True)
 class SiteSpec:
     name: str
@@ -54,7 +62,7 @@ class SiteSpec:
             policy = SitePolicy(epsilon=float(node_config.get("epsilon", 0.0)), max_delta=float(node_config.get("delta", 0.0)),
                                 accountant=str(node_config.get("accountant", "")),
                                 eval_metrics=str(node_config.get("eval-metrics", "site")),
-                                public_size=int(node_config.get("public-size", 0)), persistent=bool(state_dir))
+                                public_size=_whole(node_config.get("public-size", 0), "public-size"), persistent=bool(state_dir))
         except (ValueError, FedloraError) as e:
             raise ConfigError("node-config", dict(node_config), f"the site's privacy policy: {e}") from None
         return cls(name=str(node_config.get("site-name") or domain), cohort=domain, data_path=str(node_config["data-path"]),

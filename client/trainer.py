@@ -129,7 +129,8 @@ def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], exampl
         with runtime.autocast():
             per_example, logits = runtime.task.loss(model, batch, reduction="none")
         total_loss += float(per_example.mean()) * len(index)
-        capped += float(per_example.float().clamp(max=LOSS_CAP).sum())
+        per = per_example.float()  # a non-finite loss (a crafted adapter) counts as the cap: no NaN can signal a record
+        capped += float(torch.where(torch.isfinite(per), per.clamp(0.0, LOSS_CAP), torch.full_like(per, LOSS_CAP)).sum())
         correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
     seconds = time.perf_counter() - start_time
     model.train()

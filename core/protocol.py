@@ -80,7 +80,16 @@ class Part:
                     raise ProtocolError(f"{message}: record {cls.record!r} lacks key {key!r}")
                 continue
             kwargs[f.name] = _coerce(rec[key], hints[f.name], f"{message}: {cls.record}.{key}")
-        return cls(**kwargs)
+        part = cls(**kwargs)
+        problem = part.problem()
+        if problem:
+            raise ProtocolError(f"{message}: record {cls.record!r}: {problem}")
+        return part
+
+    def problem(self) -> str:
+        """What makes these values unusable ("" if nothing): checked on every read, so no handler
+        ever works with an out-of-range value (a zero-step plan, an unknown accountant, a NaN)."""
+        return ""
 
 
 def _coerce(v: Any, hint: Any, where: str) -> Any:
@@ -162,6 +171,26 @@ class RoundPlan(Part):
     rounds: int = _key("train.rounds")
     eval_every: int = _key("train.eval_every", default=1)
 
+    def problem(self) -> str:
+        import math
+
+        for name in ("round", "rounds", "local_steps", "batch_size", "eval_every"):
+            low = 0 if name == "round" else 1
+            if getattr(self, name) < low:
+                return f"{name} = {getattr(self, name)} is below {low}"
+        if not (self.local_epochs >= 0 and math.isfinite(self.local_epochs)):
+            return f"local_epochs = {self.local_epochs} must be finite and >= 0"
+        if not 0 < self.eval_fraction < 1:
+            return f"eval_fraction = {self.eval_fraction} must be in (0, 1)"
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0 and math.isfinite(self.weight_decay)
+                and math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            return "learning_rate, weight_decay and max_grad_norm must be finite (learning_rate > 0, max_grad_norm >= 0)"
+        if self.optimizer not in ("adamw", "sgd"):
+            return f"optimizer {self.optimizer!r} is not adamw or sgd"
+        if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+            return f"labels {list(self.labels)[:8]} must be at least two distinct labels"
+        return ""
+
 
 @dataclass(frozen=True)
 class PrivacyAsk(Part):
@@ -176,6 +205,25 @@ class PrivacyAsk(Part):
     grad_sample_mode: str = _key("privacy.grad_sample_mode", default="hooks")
     eval_metrics: str = _key("privacy.eval_metrics", default="site")
 
+    def problem(self) -> str:
+        import math
+
+        if self.accountant not in ("rdp", "prv"):
+            return f"accountant {self.accountant!r} is not rdp or prv"
+        if self.grad_sample_mode not in ("hooks", "ghost"):
+            return f"grad_sample_mode {self.grad_sample_mode!r} is not hooks or ghost"
+        if self.eval_metrics not in ("site", "noised", "public"):
+            return f"eval_metrics {self.eval_metrics!r} is not site, noised or public"
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            return f"epsilon = {self.epsilon} must be finite and > 0"
+        if not 0 <= self.delta < 1:
+            return f"delta = {self.delta} must be in [0, 1)"
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            return f"max_grad_norm = {self.max_grad_norm} must be finite and > 0"
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            return f"noise_multiplier = {self.noise_multiplier} must be finite and >= 0"
+        return ""
+
 
 @dataclass(frozen=True)
 class ClientDpAsk(Part):
@@ -187,6 +235,17 @@ class ClientDpAsk(Part):
     noise: str = _key("privacy.client_noise", default="coordinator")
     noise_multiplier: float = _key("privacy.client_noise_multiplier", default=0.0)
     sites: int = _key("privacy.client_sites", default=1)
+
+    def problem(self) -> str:
+        import math
+
+        if self.client_dp and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            return f"client_clip_norm = {self.clip_norm} must be finite and > 0"
+        if self.noise not in ("coordinator", "sites"):
+            return f"client_noise {self.noise!r} is not coordinator or sites"
+        if not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0 or self.sites < 1:
+            return f"client noise multiplier {self.noise_multiplier} over {self.sites} site(s)"
+        return ""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ def noised(v: np.ndarray, noise_multiplier: float, rng: np.random.Generator) -> 
     """``v + N(0, (noise_multiplier * sqrt 3)^2)`` per entry."""
     if not noise_multiplier > 0:
         raise ValueError(f"the eval noise multiplier must be > 0, got {noise_multiplier}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("the eval metric vector holds a non-finite value; refusing to release it")
     return np.asarray(v, dtype=np.float64) + rng.normal(0.0, noise_multiplier * SENSITIVITY, size=np.shape(v))
 
 

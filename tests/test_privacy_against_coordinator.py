@@ -245,3 +245,10 @@ def test_renaming_a_site_never_resets_its_spend(tiny_model: Path, tmp_path: Path
     assert spent[1] > spent[0] > 0  # the second name continues the first's spend
     with pytest.raises(PolicyRefused, match="state folder"):
         check_persistence(SiteSpec.from_node_config({"domain": "finance", "data-path": str(data_file), "epsilon": "4"}))
+
+
+def test_the_readme_table_of_what_the_coordinator_sees_is_the_catalogues() -> None:
+    from fedlora.privacy.releases import coordinator_view_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert coordinator_view_table().strip() in readme, "README's 'what the coordinator sees' table is out of date"
