@@ -177,8 +177,8 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
         for cohort, paths in files.items():
             site(p, f"{cohort}-1", cohort, paths[0], port, keys, "--epsilon", "4")
         site(p, "finance-9", "finance", files["finance"][0], port, keys, "--model", str(other_model))
-        site(p, "finance-2", "finance", files["finance"][0], port, strangers, "--connect-timeout", "5", ca=keys / "ca.pem")  # key not registered
-        site(p, "medical-1-bad-ca", "medical", files["medical"][0], port, keys, "--connect-timeout", "5", name="medical-1",
+        site(p, "finance-2", "finance", files["finance"][0], port, strangers, "--connect-timeout", "30", ca=keys / "ca.pem")  # key not registered
+        site(p, "medical-1-bad-ca", "medical", files["medical"][0], port, keys, "--connect-timeout", "30", name="medical-1",
              ca=strangers / "ca.pem")
         assert p.wait("finance-2", 120) == 9
         assert p.wait("medical-1-bad-ca", 120) == 9
