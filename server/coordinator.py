@@ -167,7 +167,7 @@ class Coordinator:
             if kind == "train":
                 nodes = cohort.selected = self._sample(cohort)
                 if self.client_dp is not None:
-                    extra = ClientDpAsk.read(self.client_dp.site_config(cohort.name, len(nodes)), "train")
+                    extra = ClientDpAsk.read(self.client_dp.site_config(cohort.name, max(1, len(nodes))), "train")
                 if cohort.secure and self.secagg is not None and nodes:
                     secure = self.secagg.setup(cohort.name, nodes, round_, kind)
                     if secure is None:
