@@ -18,12 +18,17 @@ from fedlora.processes import ProcessSet, proc_info, send_signal, spawn, stop
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
-# a child in a session of its own that ignores SIGTERM, then sleeps; it writes its pid to argv[1]
+# a child in a session of its own that ignores SIGTERM, then sleeps; the child itself writes its pid to
+# argv[1] once its SIGTERM handler is in place (so a loaded machine cannot deliver SIGTERM before it is)
 STUBBORN_CHILD = textwrap.dedent("""
-    import os, signal, subprocess, sys, time
-    child = subprocess.Popen([sys.executable, "-c", "import signal, time\\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(600)"],
-                             start_new_session=True)
-    open(sys.argv[1] + ".tmp", "w").write(str(child.pid)); os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    import subprocess, sys, time
+    grandchild = (
+        "import os, signal, sys, time\\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
+        "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid())); os.rename(sys.argv[1] + '.tmp', sys.argv[1])\\n"
+        "time.sleep(600)"
+    )
+    subprocess.Popen([sys.executable, "-c", grandchild, sys.argv[1]], start_new_session=True)
     time.sleep(600)
 """)
 
