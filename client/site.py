@@ -31,7 +31,6 @@ class SiteSpec:
     label_column: str = "label"
     shard_index: int = 0  # this site's part of data_path (simulation splits one file across sites)
     shard_count: int = 1
-    budget_epsilon: float = 0.0  # kept for callers; the policy's epsilon is what counts
     state_dir: str = ""  # where the site keeps what must outlive its process (its privacy ledger); "" = memory only
     model: str = ""  # the base model this site holds (path or packaged name); "" = the one the coordinator names
     device: str = ""  # this site's device (auto, cpu, cuda, cuda:N); "" = the process default
@@ -67,6 +66,6 @@ class SiteSpec:
             raise ConfigError("node-config", dict(node_config), f"the site's privacy policy: {e}") from None
         return cls(name=str(node_config.get("site-name") or domain), cohort=domain, data_path=str(node_config["data-path"]),
                    text_column=str(node_config.get("text-column", "text")), label_column=str(node_config.get("label-column", "label")),
-                   budget_epsilon=policy.epsilon, state_dir=state_dir,
+                   state_dir=state_dir,
                    model=str(node_config.get("model", "")), device=str(node_config.get("device", "")), policy=policy,
                    identity=str(node_config.get("identity", "")))

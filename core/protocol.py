@@ -25,6 +25,7 @@ Messages (``message_type``: request records -> reply records):
 
 from __future__ import annotations
 
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -172,8 +173,6 @@ class RoundPlan(Part):
     eval_every: int = _key("train.eval_every", default=1)
 
     def problem(self) -> str:
-        import math
-
         for name in ("round", "rounds", "local_steps", "batch_size", "eval_every"):
             low = 0 if name == "round" else 1
             if getattr(self, name) < low:
@@ -206,8 +205,6 @@ class PrivacyAsk(Part):
     eval_metrics: str = _key("privacy.eval_metrics", default="site")
 
     def problem(self) -> str:
-        import math
-
         if self.accountant not in ("rdp", "prv"):
             return f"accountant {self.accountant!r} is not rdp or prv"
         if self.grad_sample_mode not in ("hooks", "ghost"):
@@ -237,8 +234,6 @@ class ClientDpAsk(Part):
     sites: int = _key("privacy.client_sites", default=1)
 
     def problem(self) -> str:
-        import math
-
         if self.client_dp and not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             return f"client_clip_norm = {self.clip_norm} must be finite and > 0"
         if self.noise not in ("coordinator", "sites"):

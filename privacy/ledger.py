@@ -66,10 +66,6 @@ class PrivacyLedger:
         """Sample-level epsilon a site has spent over all its recorded rounds (DP-SGD and eval releases)."""
         return epsilon(self._mechanisms(self.unit_events(site)), delta, accountant)
 
-    def identity_spent(self, identity: str, delta: float, accountant: str = "rdp") -> float:
-        """The same, composed over every event of one site identity (renaming a site does not reset it)."""
-        return epsilon(self._mechanisms(self.identity_events(identity)), delta, accountant)
-
     def client_level_spent(self, cohort: str, delta: float, accountant: str = "rdp") -> float:
         """Client-level epsilon (privacy unit: one whole site) of a cohort's aggregate."""
         return epsilon(self._mechanisms(self.cohort_events(cohort)), delta, accountant)

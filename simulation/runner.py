@@ -65,7 +65,7 @@ def plan_sites(cfg: RunConfig) -> Plan:
     unknown = sorted(set(budgets) - {s.name for s in sites})
     if unknown:
         raise ConfigError(f"privacy.budgets.{unknown[0]}", budgets[unknown[0]], f"no such site; sites: {', '.join(s.name for s in sites[:12])}")
-    sites = [replace(s, policy=site_policy(cfg, s.name), budget_epsilon=cfg.privacy.budget_for(s.name)) for s in sites]
+    sites = [replace(s, policy=site_policy(cfg, s.name)) for s in sites]
     return Plan(sites, labels, demo)
 
 
