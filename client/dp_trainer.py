@@ -52,10 +52,10 @@ class DpSgdSettings:
 
 
 def _check_setup(runtime: LoraRuntime, params: list[nn.Parameter]) -> None:
-    if not runtime.peft_model.training:
+    if not runtime.model.training:
         raise PrivacyCheckError("the model is not in train mode; Opacus would find no activations")
     ids = {id(p) for p in params}
-    for name, module in runtime.peft_model.named_modules():
+    for name, module in runtime.model.named_modules():
         if isinstance(module, nn.Embedding) and any(id(p) in ids for p in module.parameters(recurse=False)):
             raise PrivacyCheckError(f"trainable parameters in embedding layer {name}; DP-SGD would have no per-sample gradients")
 
@@ -106,7 +106,7 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
     if not 0 < dp.sample_rate <= 1:
         raise FedloraError(f"DP sample rate must be in (0, 1], got {dp.sample_rate}")
     runtime.load_adapter(global_state, seed, cohort, num_labels)
-    model = runtime.peft_model
+    model = runtime.model
     model.train()
     params = runtime.trainable_parameters()
     _check_setup(runtime, params)

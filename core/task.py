@@ -1,7 +1,8 @@
 """The learning task at a site: one pluggable piece.
 
-A task says which Hugging Face auto-class builds the model, where its trainable head is, how
-texts and labels become tensors, and how loss and accuracy are computed. The coordinator and
+A task says how texts and labels become tensors and how loss and accuracy are computed; the
+model it runs on is the base model's body with LoRA and a head on its pooled hidden states
+(``fedlora.model``, ``fedlora.pooling``). The coordinator and
 the strategies never look inside a task; a later task (causal-LM instruction tuning) adds a
 class here and a name in ``TASKS``.
 """
@@ -32,8 +33,6 @@ class EncodedExamples:
 
 class Task(Protocol):
     name: str
-    auto_class_name: str
-    head_attributes: tuple[str, ...]
     peft_task_type: str
 
     def encode(self, tokenizer: Any, texts: Sequence[str], labels: np.ndarray, max_length: int) -> EncodedExamples: ...
@@ -47,9 +46,7 @@ class SequenceClassification:
     """Text -> one of k labels. Loss: mean cross-entropy of the logits of the model's head."""
 
     name = "sequence_classification"
-    auto_class_name = "AutoModelForSequenceClassification"
-    head_attributes = ("classifier", "score")
-    peft_task_type = "SEQ_CLS"
+    peft_task_type = "FEATURE_EXTRACTION"  # the exported LoRA adapts the body; the head ships beside it
 
     def encode(self, tokenizer: Any, texts: Sequence[str], labels: np.ndarray, max_length: int) -> EncodedExamples:
         enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)

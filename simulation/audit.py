@@ -134,7 +134,7 @@ def own_label_logits(runtime: LoraRuntime, state: dict[str, np.ndarray], example
                      batch_size: int = 128) -> np.ndarray:
     """Each example's logit of its own label under ``state`` (eval mode, no dropout)."""
     runtime.load_adapter(state, seed, COHORT, num_labels)
-    model = runtime.peft_model
+    model = runtime.model
     model.eval()
     pad = int(runtime.tokenizer.pad_token_id)
     out = []

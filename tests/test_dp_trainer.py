@@ -83,7 +83,7 @@ def test_the_shared_model_is_left_as_it_was(site, mode: str) -> None:
     _run(site, DpSgdSettings(1.0, 1.0, 0.25), mode=mode)
     after = train_local(rt, state, enc, _sgd(0.1), seed=0, site="s", cohort="finance", num_labels=3, round_=2)
     assert all(np.array_equal(before.delta[k], after.delta[k]) for k in before.delta)
-    assert not any(hasattr(p, "grad_sample") for p in rt.peft_model.parameters())
+    assert not any(hasattr(p, "grad_sample") for p in rt.model.parameters())
 
 
 def test_self_checks_refuse_a_model_in_eval_mode_and_an_adapter_that_did_not_move(site, monkeypatch) -> None:
@@ -93,6 +93,6 @@ def test_self_checks_refuse_a_model_in_eval_mode_and_an_adapter_that_did_not_mov
         train_local_dp(rt, moved_before, enc, _sgd(1e-30), DpSgdSettings(0.0, 1.0, 1.0), seed=0, site="s", cohort="finance",
                        num_labels=3, round_=1, seeds=RoundSeeds.fresh())
     # a wrapper whose .train() does not reach the modules (Opacus would then see no activations)
-    monkeypatch.setattr(type(rt.peft_model), "train", lambda self, mode=True: torch.nn.Module.train(self, False))
+    monkeypatch.setattr(type(rt.model), "train", lambda self, mode=True: torch.nn.Module.train(self, False))
     with pytest.raises(PrivacyCheckError, match="not in train mode"):
         _run(site, DpSgdSettings(1.0, 1.0, 0.5))

@@ -70,28 +70,73 @@ def test_frozen_a_sends_only_b_and_the_head(tiny_model: Path) -> None:
     assert sum(np.prod(s) for s in shapes.values()) < sum(np.prod(s) for s in standard.values())
 
 
-@pytest.mark.parametrize("mode", ["standard", "frozen_a"])
-def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(tiny_model: Path, tmp_path: Path, mode: str) -> None:
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
+@pytest.mark.parametrize("mode,pooling", [("standard", "mean"), ("frozen_a", "mean"), ("standard", "cls")])
+def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(tiny_model: Path, tmp_path: Path, mode: str, pooling: str) -> None:
+    """The README's recipe (PeftModel on AutoModel, the head file, the pooling formula) reproduces fedlora's logits."""
+    import json
 
-    rt = get_runtime(_spec(tiny_model, lora_mode=mode), "cpu")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from fedlora.inference import load_classifier
+
+    rt = get_runtime(_spec(tiny_model, lora_mode=mode, pooling=pooling), "cpu")
     rng = np.random.default_rng(0)
     state = {k: (v + rng.normal(scale=0.05, size=v.shape)).astype(np.float32) for k, v in rt.initial_adapter(1, "finance", 3).items()}
     labels = ["negative", "neutral", "positive"]
-    rt.save_peft(tmp_path / "adapter", state, 1, "finance", labels)
+    out = tmp_path / "adapter"
+    rt.save_peft(out, state, 1, "finance", labels)
     rt.load_adapter(state, 1, "finance", 3)
-    rt.peft_model.eval()
-    batch = rt.tokenizer(["profit rose sharply", "shares fell"], return_tensors="pt", padding=True)
+    rt.model.eval()
+    texts = ["profit rose sharply in the third quarter", "shares fell"]  # different lengths: padding must not count
+    batch = rt.tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad():
-        ours = rt.peft_model(**batch).logits
-    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model), num_labels=3)
-    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+        ours = rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rt.model.train()
+    meta = json.loads((out / "fedlora.json").read_text())
+    assert meta["pooling"] == pooling and meta["labels"] == labels
+    body = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_model)), str(out)).eval()
+    head = load_file(str(out / "head.safetensors"))
     with torch.no_grad():
-        theirs = loaded(**batch).logits
-    rt.peft_model.train()
+        h = body(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (h * m).sum(1) / m.sum(1) if pooling == "mean" else h[:, 0]
+    theirs = pooled @ head["classifier.weight"].T + head["classifier.bias"]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert (tmp_path / "adapter" / "fedlora.json").read_text().count("positive") >= 1
+    torch.testing.assert_close(ours, load_classifier(out).logits(texts), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours[0], ours[1])  # a head on the example, not a constant
+
+
+def test_mean_pooling_is_the_masked_mean_computed_by_hand() -> None:
+    from fedlora.pooling import pool
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]])
+    by_hand = torch.stack([h[0].mean(0), h[1, :2].mean(0), h[2, 0]])
+    torch.testing.assert_close(pool(h, mask, "mean"), by_hand)
+    torch.testing.assert_close(pool(h, mask, "last"), torch.stack([h[0, 4], h[1, 1], h[2, 0]]))
+    torch.testing.assert_close(pool(h, mask, "cls"), h[:, 0])
+    h2 = h.clone()
+    h2[1, 2:] = 1e6  # what sits under padding never reaches the pooled vector
+    torch.testing.assert_close(pool(h2, mask, "mean"), by_hand)
+    torch.testing.assert_close(pool(h2, mask, "last"), pool(h, mask, "last"))
+
+
+def test_auto_pooling_reads_the_model_folder(tmp_path: Path, tiny_model: Path) -> None:
+    import json
+
+    from fedlora.pooling import resolve_pooling
+
+    assert resolve_pooling("auto", resolve_model_path("packaged:all-MiniLM-L6-v2")) == "mean"  # its 1_Pooling/config.json
+    assert resolve_pooling("auto", tiny_model) == "mean"  # an encoder without a pooling config
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    assert resolve_pooling("auto", tmp_path) == "last"
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert resolve_pooling("auto", tmp_path) == "cls"
+    assert resolve_pooling("mean", tmp_path) == "mean"
 
 
 def test_model_spec_travels_as_flat_config(tiny_model: Path) -> None:

@@ -296,10 +296,10 @@ def test_review_odd_node_config_values_are_refused(h: Harness, key: str, value) 
 def _pooled(h: Harness, examples, state) -> np.ndarray:
     rt = h.runtime
     rt.load_adapter(state, 0, COHORT, len(LABELS))
-    rt.hf_model.eval()
+    rt.model.eval()
     b = rt.task.batch(examples, np.arange(len(examples)), int(rt.tokenizer.pad_token_id), rt.device)
     with torch.no_grad():
-        return rt.hf_model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).pooler_output.numpy()
+        return rt.model.pooled(b["input_ids"], b["attention_mask"]).numpy()
 
 
 def _overflow_head(state: dict, unit: int, threshold: float) -> dict:
@@ -327,7 +327,7 @@ def test_review_crafted_adapter_turns_the_noised_eval_release_into_a_membership_
     h.runtime.load_adapter(crafted, 0, COHORT, len(LABELS))
     batch = h.runtime.task.batch(data.eval, np.arange(len(data.eval)), int(h.runtime.tokenizer.pad_token_id), "cpu")
     with torch.no_grad():
-        per_example, _ = h.runtime.task.loss(h.runtime.peft_model, batch, reduction="none")
+        per_example, _ = h.runtime.task.loss(h.runtime.model, batch, reduction="none")
     bad = np.flatnonzero(~np.isfinite(per_example.numpy()))
     _require(list(bad) == [target], f"the crafted head should make exactly the target's loss non-finite, got {bad}")
     reply = _call(h.app(site), h.msg("evaluate", plan={"round": 0}, ask={"eval_metrics": "noised"}, adapter=crafted), h.ctx())

@@ -32,7 +32,8 @@ def test_tiny_federation_writes_a_complete_run_directory(make_config, tmp_path: 
         assert 0 <= c["majority_baseline"] <= 1 and 0 <= c["accuracy"] <= 1
         assert all(x["cohorts"][name].get("sites_failed", []) == [] for x in lines)
         weights = load_file(str(run / "adapters" / name / "adapter_model.safetensors"))
-        assert "base_model.model.classifier.weight" in weights
+        head = load_file(str(run / "adapters" / name / "head.safetensors"))
+        assert set(head) == {"classifier.weight", "classifier.bias"} and head["classifier.weight"].shape[0] == len(c["labels"])
         assert any(k.endswith("lora_B.weight") and np.abs(v).max() > 0 for k, v in weights.items()), "the adapter moved"
     assert json.loads((run / "sites.json").read_text()) == {"finance": ["finance-1", "finance-2"], "medical": ["medical-1", "medical-2"]}
     demo = (run / "demo_data" / "finance-1.synthetic.csv").read_text().splitlines()
