@@ -43,7 +43,7 @@ from fedlora.protocol import (ClientDpAsk, EvalKept, EvalMetrics, PrivacyAsk, Ro
 from fedlora.records import from_record, to_record
 from fedlora.task import EncodedExamples
 
-from .data import load_labelled_texts, shard, split_train_eval
+from .data import load_labelled_texts, split_train_eval
 from . import secagg_site
 from .privacy_site import BudgetExhausted, client_level_update, private_eval_noise, private_round
 from .site import SiteSpec
@@ -63,13 +63,18 @@ _DATA_CACHE: dict[tuple, SiteData] = {}
 
 
 def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed: int, eval_fraction: float) -> SiteData:
-    """Load, validate, split and tokenise a site's data once per process."""
-    key = (site.name, site.cohort, site.data_path, site.text_column, site.label_column, site.shard_index, site.shard_count,
+    """Load, validate, split and tokenise a site's data once per process: its ``rows`` of the
+    file (all rows when empty; the file itself is read once per process, ``load_labelled_texts``)."""
+    key = (site.name, site.cohort, site.data_path, site.text_column, site.label_column, site.rows,
            tuple(labels), str(runtime.path), runtime.spec.max_length, seed, eval_fraction)
     if key not in _DATA_CACHE:
         data, label_list = load_labelled_texts(site.data_path, site.text_column, site.label_column, labels)
-        if site.shard_count > 1:
-            data = shard(data, site.shard_index, site.shard_count, seed, f"{site.cohort}:{site.data_path}")
+        if site.rows:
+            beyond = [r for r in (min(site.rows), max(site.rows)) if not 0 <= r < len(data)]
+            if beyond:
+                raise DataError(f"{site.data_path}: site {site.name} is to read row index {beyond[0]}, but the file has "
+                                f"{len(data)} data rows (did the file change since the sites were planned?)")
+            data = data.subset(site.rows)
         train, held_out = split_train_eval(data, eval_fraction, seed, site.name)
         enc = runtime.task.encode
         tok, n = runtime.tokenizer, runtime.spec.max_length
@@ -90,7 +95,7 @@ def site_model(cfg: ConfigRecord, site: SiteSpec) -> ModelSpec:
 def _settings(plan: RoundPlan) -> LocalTrainSettings:
     return LocalTrainSettings(local_steps=plan.local_steps, local_epochs=plan.local_epochs, batch_size=plan.batch_size,
                               optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_decay=plan.weight_decay,
-                              max_grad_norm=plan.max_grad_norm)
+                              max_grad_norm=plan.max_grad_norm, momentum=plan.momentum, max_local_steps=plan.max_local_steps)
 
 
 def _keep_metrics(site: SiteSpec, round_: int, res) -> None:

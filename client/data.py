@@ -3,11 +3,14 @@
 Accepted files: ``.csv`` (UTF-8, header row), ``.jsonl``/``.ndjson`` (one JSON object per
 line), ``.parquet``. Every problem raises :class:`~fedlora.errors.DataError` naming the
 file, and where it applies the row (1-based, header not counted), the column and the value.
-Nothing is written here.
+Nothing is written here. A file's parsed contents are cached per process (keyed by the resolved
+path, size, modification time, columns and label list), so the virtual sites of one cohort that
+share a file read it once.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +34,9 @@ class LabelledTexts:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, index: np.ndarray) -> LabelledTexts:
+    def subset(self, index: np.ndarray | Sequence[int]) -> LabelledTexts:
+        """The rows ``index`` (0-based data rows, in that order); a new object (labels copied)."""
+        index = np.asarray(index, dtype=np.int64)
         return LabelledTexts(tuple(self.texts[i] for i in index), self.labels[index])
 
 
@@ -92,11 +97,57 @@ def _label_text(v: object) -> str | None:
     return str(v).strip()
 
 
+_CACHE_SIZE = 8
+_CACHE: OrderedDict[tuple, tuple[LabelledTexts, tuple[str, ...]]] = OrderedDict()
+
+
+def _file_key(p: Path) -> tuple | None:
+    """(resolved path, size, mtime in ns) of an existing file; None if it cannot be stat'ed."""
+    try:
+        st = p.stat()
+        return str(p.resolve()), st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
+
+
 def load_labelled_texts(path: str | Path, text_column: str, label_column: str, labels: Sequence[str] | None) -> tuple[LabelledTexts, list[str]]:
     """Load one file. With ``labels``, every label must be in that list (an error names the
     file, row and value); without, the list is the sorted distinct labels found.
-    Returns the data and the label list used."""
+    Returns the data and the label list used. Cached per process (the last 8 files and
+    column/label choices; a changed file has another size or mtime and is read again); the
+    returned labels array is read-only, ``subset`` copies."""
     p = Path(path)
+    fk = _file_key(p)
+    key = None if fk is None else (*fk, text_column, label_column, tuple(labels) if labels else None)
+    if key is not None and key in _CACHE:
+        _CACHE.move_to_end(key)
+        data, label_list = _CACHE[key]
+        return data, list(label_list)
+    data, found = _load_labelled_texts(p, text_column, label_column, labels)
+    data.labels.flags.writeable = False
+    if key is not None:
+        _CACHE[key] = (data, tuple(found))
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return data, found
+
+
+def read_group_column(path: str | Path, column: str) -> list[str]:
+    """The values of ``column`` (one per data row, as text) that name each row's natural site
+    (``partition.by``); an error names the file, and a missing value its row."""
+    p = Path(path)
+    df = read_table(p)
+    if column not in df.columns:
+        have = ", ".join(map(str, df.columns[:12]))
+        raise DataError(f"{p}: no column {column!r} to partition by (partition.by); columns present: {have}")
+    values = [_label_text(v) for v in df[column].tolist()]
+    for i, v in enumerate(values):
+        if v is None or v == "":
+            raise DataError(f"{p}: row {i + 1}, column {column!r}: missing value; partition.by needs one for every row")
+    return values  # type: ignore[return-value]
+
+
+def _load_labelled_texts(p: Path, text_column: str, label_column: str, labels: Sequence[str] | None) -> tuple[LabelledTexts, list[str]]:
     df = read_table(p)
     texts_col = _column(df, p, text_column, "text")
     labels_col = _column(df, p, label_column, "label")
@@ -122,17 +173,6 @@ def load_labelled_texts(path: str | Path, text_column: str, label_column: str, l
             raise DataError(f"{p}: row {i + 1}, column {label_column!r}: label {v!r} is not in the cohort's labels [{shown}]")
         ids[i] = index[v]  # type: ignore[index]
     return LabelledTexts(tuple(texts), ids), label_list
-
-
-def shard(data: LabelledTexts, index: int, count: int, seed: int, key: str) -> LabelledTexts:
-    """Shard ``index`` of ``count`` after a seeded permutation (disjoint, sizes differ by <= 1)."""
-    if not 0 <= index < count:
-        raise DataError(f"shard {index} of {count} does not exist")
-    perm = np.random.default_rng(derive_seed(seed, "shard", key)).permutation(len(data))
-    part = np.array_split(perm, count)[index]
-    if len(part) < 2:
-        raise DataError(f"{key}: shard {index + 1} of {count} has {len(part)} rows; a site needs at least 2 (fewer sites or more data)")
-    return data.subset(np.sort(part))
 
 
 def split_train_eval(data: LabelledTexts, eval_fraction: float, seed: int, key: str) -> tuple[LabelledTexts, LabelledTexts]:

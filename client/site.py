@@ -29,8 +29,7 @@ class SiteSpec:
     data_path: str
     text_column: str = "text"
     label_column: str = "label"
-    shard_index: int = 0  # this site's part of data_path (simulation splits one file across sites)
-    shard_count: int = 1
+    rows: tuple[int, ...] = ()  # this site's rows of data_path (0-based data rows; simulation splits one file); () = all rows
     state_dir: str = ""  # where the site keeps what must outlive its process (its privacy ledger); "" = memory only
     model: str = ""  # the base model this site holds (path or packaged name); "" = the one the coordinator names
     device: str = ""  # this site's device (auto, cpu, cuda, cuda:N); "" = the process default

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedlora.config import PrivacyConfig
+from fedlora.config import PrivacyConfig, RunConfig
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.summary import client_spend, site_spend
 
@@ -20,6 +20,13 @@ def cohort_summary(cohort: Cohort, initial: Mapping[str, Any], last: Mapping[str
     return {"sites": sorted(cohort.nodes.values()), "labels": cohort.labels, "accuracy": end["accuracy"], "eval_loss": end["eval_loss"],
             "majority_baseline": end["majority_baseline"], "initial_accuracy": initial["cohorts"][cohort.name]["accuracy"],
             "train_loss": end.get("train_loss"), "adapter": f"adapters/{cohort.name}", "secure_aggregation": cohort.secure}
+
+
+def partition_summary(cfg: RunConfig) -> dict[str, Any] | None:
+    """How the cohorts' data files were split across their sites (``[partition]``: the scheme and
+    the parameters it uses, and the cohorts it applied to); None when every cohort ran on demo data."""
+    cohorts = [c.name for c in cfg.cohorts if c.data]
+    return {**cfg.partition.describe(), "cohorts": cohorts} if cohorts else None
 
 
 def privacy_summary(cfg: PrivacyConfig, client_dp: ClientLevelDp | None, ledger: PrivacyLedger,

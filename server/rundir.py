@@ -4,6 +4,7 @@ Layout::
 
     RUN_DIR/config.toml          the resolved config (after flags)
     RUN_DIR/sites.json           the sites and their cohorts
+    RUN_DIR/partition.json       (simulation) each site's data file, rows and label histogram
     RUN_DIR/metrics.jsonl        one JSON line per round
     RUN_DIR/adapters/<cohort>/   the final adapter in PEFT format (+ fedlora.json)
     RUN_DIR/privacy_ledger.json  every privacy event (DP runs)

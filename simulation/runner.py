@@ -2,8 +2,9 @@
 
 Order of work, so that bad input writes nothing: validate the config (done when it was
 built), load the base model and check the LoRA targets, read and validate every real data
-file and every site's share of it; only then create the run directory, write the demo data,
-and start the engine.
+file and every site's share of it (``partition``: computed once here, at the coordinator side,
+seeded by the run's seed and the cohort name); only then create the run directory, write the
+demo data and ``partition.json`` (every site's rows and label histogram), and start the engine.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedlora.client.app import make_client_app
-from fedlora.client.data import load_labelled_texts, shard, split_train_eval
+from fedlora.client.data import load_labelled_texts, read_group_column, split_train_eval
 from fedlora.client.site import SiteSpec
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FederationError, RunInterrupted
-from fedlora.model import ModelSpec, get_runtime
+from fedlora.model import ModelSpec, derive_seed, get_runtime
 from fedlora.privacy.policy import SitePolicy
+from fedlora.server.advice import with_warnings
 from fedlora.server.app import make_server_app
 from fedlora.server.checkpoint import Checkpoint, open_stopped_run
 from fedlora.server.rundir import RunDir, default_run_dir
@@ -29,6 +33,7 @@ from fedlora.server.secure_round import validate as validate_secure_aggregation
 
 from . import demo_data, site_metrics
 from .local_grid import LocalGrid
+from .partition import partition_rows
 
 log = logging.getLogger("fedlora.simulation")
 
@@ -38,20 +43,33 @@ class Plan:
     sites: list[SiteSpec]  # by partition id
     labels: dict[str, list[str]]  # cohort -> label list
     demo_cohorts: list[str]  # cohorts whose data is generated into the run directory
+    cfg: RunConfig  # the config the run uses: under partition.kind = "column" a cohort's `sites` is its number of values
+    groups: dict[str, str] | None = None  # site -> its value of partition.by (kind "column")
 
 
 def plan_sites(cfg: RunConfig) -> Plan:
-    """Decide every site's data and every cohort's labels; reads (never writes) real data files."""
+    """Decide every site's data and every cohort's labels; reads (never writes) real data files.
+    A cohort's file is split by ``cfg.partition`` (``fedlora.simulation.partition``), once, seeded
+    by ``(cfg.seed, cohort name)``; each site gets its row indices (``SiteSpec.rows``)."""
     sites: list[SiteSpec] = []
     labels: dict[str, list[str]] = {}
     demo: list[str] = []
+    groups: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    part_cfg = cfg.partition
     for c in cfg.cohorts:
         if c.data:
             data, label_list = load_labelled_texts(c.data, c.text_column, c.label_column, c.labels or None)
-            for i in range(c.sites):
-                part = shard(data, i, c.sites, cfg.seed, f"{c.name}:{c.data}") if c.sites > 1 else data
-                split_train_eval(part, cfg.train.eval_fraction, cfg.seed, f"{c.name}-{i + 1}")
-                sites.append(SiteSpec(f"{c.name}-{i + 1}", c.name, str(Path(c.data).resolve()), c.text_column, c.label_column, i, c.sites))
+            values = read_group_column(c.data, part_cfg.by) if part_cfg.kind == "column" else None
+            parts = partition_rows(data.labels, c.sites, part_cfg, derive_seed(cfg.seed, "partition", c.name), groups=values,
+                                   where=f"cohort {c.name} ({c.data})")
+            for i, rows in enumerate(parts):
+                name = f"{c.name}-{i + 1}"
+                split_train_eval(data.subset(rows), cfg.train.eval_fraction, cfg.seed, name)
+                sites.append(SiteSpec(name, c.name, str(Path(c.data).resolve()), c.text_column, c.label_column, tuple(rows.tolist())))
+                if values is not None:
+                    groups[name] = values[int(rows[0])]
+            counts[c.name] = len(parts)
             labels[c.name] = label_list
         else:
             demo_labels = demo_data.LABELS[c.name]
@@ -60,13 +78,28 @@ def plan_sites(cfg: RunConfig) -> Plan:
             labels[c.name] = list(c.labels) if c.labels else demo_labels
             demo.append(c.name)
             sites.extend(SiteSpec(f"{c.name}-{i + 1}", c.name, "") for i in range(c.sites))
+    cfg = _with_site_counts(cfg, counts)
     validate_secure_aggregation(cfg.secure_aggregation, {c.name: c.sites for c in cfg.cohorts})
     budgets = cfg.privacy.budgets
     unknown = sorted(set(budgets) - {s.name for s in sites})
     if unknown:
         raise ConfigError(f"privacy.budgets.{unknown[0]}", budgets[unknown[0]], f"no such site; sites: {', '.join(s.name for s in sites[:12])}")
     sites = [replace(s, policy=site_policy(cfg, s.name)) for s in sites]
-    return Plan(sites, labels, demo)
+    return Plan(sites, labels, demo, cfg, groups or None)
+
+
+def _with_site_counts(cfg: RunConfig, counts: dict[str, int]) -> RunConfig:
+    """``cfg`` with each cohort's ``sites`` set to the number its partition made (changes only under
+    partition.kind = "column", where the cohort has one site per distinct value); a new, validated config."""
+    changed = {name: n for name, n in counts.items() if cfg.cohort(name).sites != n}
+    if not changed:
+        return cfg
+    for name, n in changed.items():
+        if n > 10_000:
+            raise ConfigError("partition.by", cfg.partition.by, f"cohort {name}'s column has {n} distinct values; at most 10000 sites per cohort")
+        log.info("cohort %s: partition.by %r has %d distinct values, so the cohort has %d sites (cohorts.%s.sites was %d)",
+                 name, cfg.partition.by, n, n, name, cfg.cohort(name).sites)
+    return replace(cfg, cohorts=tuple(replace(c, sites=changed.get(c.name, c.sites)) for c in cfg.cohorts))
 
 
 def site_policy(cfg: RunConfig, site: str) -> SitePolicy:
@@ -99,6 +132,30 @@ def _write_demo_data(cfg: RunConfig, plan: Plan, run_dir: RunDir, *, write: bool
             for s in plan.sites]
 
 
+def sites_table(cfg: RunConfig, plan: Plan, sites: list[SiteSpec]) -> dict[str, Any]:
+    """What ``partition.json`` holds (the coordinator's own ``sites.json`` lists cohort -> site names):
+    the partition scheme and, for every site, its name, cohort, data file, number of rows and label
+    histogram (label -> count, every label of the cohort); a site of a real data file also its row
+    indices (0-based data rows) and, under partition.kind = "column", its value of the column. Demo sites hold one generated file each (no row indices).
+    A simulation artefact: the harness made the split and holds every file anyway."""
+    out = []
+    for s in sites:
+        labels = plan.labels[s.cohort]
+        data, _ = load_labelled_texts(s.data_path, s.text_column, s.label_column, labels)
+        demo = s.cohort in plan.demo_cohorts
+        ids = data.labels if demo or not s.rows else data.labels[list(s.rows)]
+        hist = np.bincount(ids, minlength=len(labels))
+        entry: dict[str, Any] = {"name": s.name, "cohort": s.cohort, "data": s.data_path, "num_rows": int(len(ids)),
+                                 "labels": {lab: int(n) for lab, n in zip(labels, hist)},
+                                 "partition": "demo" if demo else cfg.partition.kind}
+        if not demo:
+            entry["rows"] = list(s.rows) if s.rows else list(range(len(data)))
+        if plan.groups and s.name in plan.groups:
+            entry["group"] = plan.groups[s.name]  # its value of the partition.by column
+        out.append(entry)
+    return {"partition": cfg.partition.describe(), "sites": out}
+
+
 def run_engine(cfg: RunConfig, sites: list[SiteSpec], server_app: Any, client_app: Any) -> None:
     """Run the apps on the configured engine (in-process Grid, or Flower's Ray Simulation Engine)."""
     if cfg.federation.engine == "inprocess":
@@ -119,8 +176,10 @@ def simulate(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, dict[str, 
     started = time.perf_counter()
     get_runtime(ModelSpec.from_config(cfg), cfg.model.device, cfg.model.dtype)  # loads the model, checks LoRA targets
     plan = plan_sites(cfg)
+    cfg = plan.cfg  # partition.kind = "column": one site per distinct value (logged by plan_sites)
     run_dir = RunDir.start(cfg if cfg.out else replace(cfg, out=str(default_run_dir())))
     sites = _write_demo_data(cfg, plan, run_dir)
+    run_dir.write_json("partition.json", sites_table(cfg, plan, sites))
     return _run(cfg, plan, run_dir, sites, None, progress, started)
 
 
@@ -131,7 +190,11 @@ def resume(run_path: str | Path, *, progress: bool = True) -> tuple[Path, dict[s
     cfg, run_dir, checkpoint = open_stopped_run(run_path)
     get_runtime(ModelSpec.from_config(cfg), cfg.model.device, cfg.model.dtype)
     plan = plan_sites(cfg)
-    sites = _write_demo_data(cfg, plan, run_dir, write=False)
+    moved = [c.name for c in cfg.cohorts if plan.cfg.cohort(c.name).sites != c.sites]
+    if moved:
+        raise FederationError(f"cannot resume {run_dir.path}: cohort {moved[0]} started with {cfg.cohort(moved[0]).sites} sites, but "
+                              f"its data file now has {plan.cfg.cohort(moved[0]).sites} distinct values of {cfg.partition.by!r}")
+    sites = _write_demo_data(cfg, plan, run_dir, write=False)  # partition.json stays as the run wrote it
     return _run(cfg, plan, run_dir, sites, checkpoint, progress, started)
 
 
@@ -151,7 +214,7 @@ def _run(cfg: RunConfig, plan: Plan, run_dir: RunDir, sites: list[SiteSpec], che
                               f"(partial results in {run_dir.path})")
     kept = site_metrics.read_kept(s.state_dir for s in sites if s.state_dir)
     if kept:  # DP sites kept their eval metrics: the harness (which runs every site) reads them back
-        result = site_metrics.fill_summary(result, kept)
+        result = with_warnings(site_metrics.fill_summary(result, kept), dp=True)
         run_dir.write_json("summary.json", result)
     log.info("run finished in %.1f s: %s", time.perf_counter() - started, run_dir.path)
     return run_dir.path, result

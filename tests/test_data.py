@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedlora.client.data import load_labelled_texts, shard, split_train_eval
+from fedlora.client.data import load_labelled_texts, read_group_column, split_train_eval
 from fedlora.errors import DataError
 
 LABELS = ["neg", "pos"]
@@ -75,26 +75,54 @@ def test_label_list_from_config_fixes_the_ids(tmp_path: Path) -> None:
     assert labels == ["pos", "neg", "neutral"] and data.labels.tolist() == [0, 1]
 
 
-def test_split_and_shards_are_deterministic_and_disjoint(tmp_path: Path) -> None:
+def test_subset_and_split_are_deterministic_and_disjoint(tmp_path: Path) -> None:
     n = 101
     path = tmp_path / "d.csv"
     pd.DataFrame({"text": [f"row {i}" for i in range(n)], "label": ["a", "b"] * 50 + ["a"]}).to_csv(path, index=False)
     data, _ = load_labelled_texts(path, "text", "label", None)
-    parts = [shard(data, i, 3, seed=5, key="k") for i in range(3)]
-    seen = [t for p in parts for t in p.texts]
-    assert sorted(seen) == sorted(data.texts) and len(set(seen)) == n
-    assert [len(p) for p in parts] == [34, 34, 33]
-    assert shard(data, 1, 3, seed=5, key="k").texts == parts[1].texts
-    assert shard(data, 1, 3, seed=6, key="k").texts != parts[1].texts
-    train, held = split_train_eval(parts[0], 0.2, seed=5, key="site")
+    part = data.subset((0, 5, 7, 100))
+    assert part.texts == ("row 0", "row 5", "row 7", "row 100") and part.labels.tolist() == [0, 1, 1, 0]
+    part = data.subset(np.arange(34))
+    train, held = split_train_eval(part, 0.2, seed=5, key="site")
     assert len(held) == 7 and len(train) == 27
-    assert not set(train.texts) & set(held.texts)
-    again = split_train_eval(parts[0], 0.2, seed=5, key="site")
+    assert not set(train.texts) & set(held.texts) and set(train.texts) | set(held.texts) == set(part.texts)
+    again = split_train_eval(part, 0.2, seed=5, key="site")
     assert again[1].texts == held.texts and np.array_equal(again[1].labels, held.labels)
+    assert split_train_eval(part, 0.2, seed=6, key="site")[1].texts != held.texts
+
+
+def test_a_file_is_read_once_per_process_until_it_changes(tmp_path: Path, monkeypatch) -> None:
+    from fedlora.client import data as data_module
+
+    path = _write(tmp_path / "d.csv", "text,label\na,pos\nb,neg\nc,pos\n")
+    reads = []
+    real = data_module.read_table
+    monkeypatch.setattr(data_module, "read_table", lambda p: reads.append(p) or real(p))
+    first, labels = load_labelled_texts(path, "text", "label", None)
+    second, again = load_labelled_texts(str(path), "text", "label", None)
+    assert len(reads) == 1 and second is first and again == labels == ["neg", "pos"]
+    again.append("mutated")
+    assert load_labelled_texts(path, "text", "label", None)[1] == ["neg", "pos"], "the caller gets a copy of the label list"
+    with pytest.raises(ValueError):
+        first.labels[0] = 1  # the cached labels are read-only; subset copies
+    load_labelled_texts(path, "text", "label", ["pos", "neg"])  # another label list: another entry
+    assert len(reads) == 2
+    _write(path, "text,label\na,pos\nb,neg\nc,pos\nd,neg\n")  # another size (and mtime): read again
+    assert len(load_labelled_texts(path, "text", "label", None)[0]) == 4 and len(reads) == 3
+
+
+def test_group_column_values_and_errors(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", "text,label,branch\na,pos,north\nb,neg,7\n")
+    assert read_group_column(path, "branch") == ["north", "7"]
+    with pytest.raises(DataError, match="no column 'site' to partition by"):
+        read_group_column(path, "site")
+    gap = _write(tmp_path / "gap.csv", "text,label,branch\na,pos,north\nb,neg,\n")
+    with pytest.raises(DataError, match="row 2, column 'branch': missing value"):
+        read_group_column(gap, "branch")
 
 
 def test_too_small_a_site_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.csv", "text,label\na,pos\nb,neg\nc,pos\n")
     data, _ = load_labelled_texts(path, "text", "label", None)
-    with pytest.raises(DataError, match="shard 3 of 3 has 1 rows"):
-        shard(data, 2, 3, seed=0, key="x")
+    with pytest.raises(DataError, match="site-3: 1 example"):
+        split_train_eval(data.subset([2]), 0.2, seed=0, key="site-3")
