@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +186,7 @@ def private_round(runtime: LoraRuntime, plan: RoundPlan, eff: EffectivePrivacy, 
                          sample_rate=sp.q, steps=sp.steps, max_grad_norm=eff.max_grad_norm, accountant=sp.accountant,
                          identity=site.key_identity)
     after = sp.check(planned)
-    public_settings = LocalTrainSettings(sp.steps, 0.0, settings.batch_size, settings.optimizer, settings.learning_rate,
-                                         settings.weight_decay, settings.max_grad_norm)
+    public_settings = replace(settings, local_steps=sp.steps, local_epochs=0.0)
     result, ran = train_local_dp(runtime, global_state, train, public_settings,
                                  DpSgdSettings(sp.calibration.noise_multiplier, eff.max_grad_norm, sp.q,
                                                expected_batch=max(1, int(round(sp.q * sp.n_public)))), seed=plan.seed,

@@ -29,11 +29,15 @@ class LocalTrainSettings:
     learning_rate: float
     weight_decay: float
     max_grad_norm: float
+    momentum: float = 0.0
+    max_local_steps: int = 0
 
     def steps_for(self, n_train: int) -> int:
-        """``local_epochs > 0``: ceil(epochs * n / batch); otherwise ``local_steps``."""
+        """``local_epochs > 0``: ceil(epochs * n / batch), at most ``max_local_steps`` when that is > 0;
+        otherwise ``local_steps``."""
         if self.local_epochs > 0:
-            return max(1, math.ceil(self.local_epochs * n_train / self.batch_size))
+            steps = max(1, math.ceil(self.local_epochs * n_train / self.batch_size))
+            return min(steps, self.max_local_steps) if self.max_local_steps > 0 else steps
         return self.local_steps
 
 
@@ -63,7 +67,7 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTrainSetting
     """A fresh optimizer per round (its state is not carried across rounds)."""
     if settings.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
 def adapter_delta(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -76,7 +80,7 @@ def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], ex
                 settings: LocalTrainSettings, *, seed: int, site: str, cohort: str, num_labels: int, round_: int) -> TrainResult:
     """Train the cohort's adapter on the site's examples from ``global_state``; return the update."""
     runtime.load_adapter(global_state, seed, cohort, num_labels)
-    model = runtime.peft_model
+    model = runtime.model
     model.train()
     params = runtime.trainable_parameters()
     opt = make_optimizer(params, settings)
@@ -116,7 +120,7 @@ def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], exampl
                    seed: int, cohort: str, num_labels: int, batch_size: int = 64) -> EvalResult:
     """Loss and accuracy of the cohort's adapter on the site's held-out examples."""
     runtime.load_adapter(state, seed, cohort, num_labels)
-    model = runtime.peft_model
+    model = runtime.model
     model.eval()
     pad = int(runtime.tokenizer.pad_token_id)
     from fedlora.privacy.eval_release import LOSS_CAP

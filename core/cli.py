@@ -41,14 +41,22 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
     p.add_argument("--local-epochs", type=float, help="epochs per site per round (replaces --local-steps)")
+    p.add_argument("--max-local-steps", type=int, help="at most this many steps per round from --local-epochs (0: no cap)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, dest="learning_rate", help="local learning rate")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help="local optimizer")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--pooling", choices=["auto", "mean", "cls", "last"],
+                   help="what the classification head reads (default auto: the model's own pooling config, else mean for "
+                        "encoders and the last token for decoders)")
     p.add_argument("--seed", type=int)
     p.add_argument("--model", dest="model_source", help="local HF checkpoint folder (default: the packaged all-MiniLM-L6-v2)")
     p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-mode", choices=["standard", "frozen_a"])
+    p.add_argument("--lora-mode", choices=["standard", "frozen_a", "probe"],
+                   help="standard (A and B trained), frozen_a (only B), probe (only the head: a linear probe)")
     p.add_argument("--wire-dtype", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--dp", action=argparse.BooleanOptionalAction, default=None, help="DP-SGD at every site (default off)")
+    p.add_argument("--dp", action=argparse.BooleanOptionalAction, default=None,
+                   help="DP-SGD at every site (default on, epsilon 8 per site; --no-dp turns it off)")
     p.add_argument("--epsilon", type=float, help="each site's privacy budget epsilon (default 8)")
     p.add_argument("--delta", type=float, help="delta (default: 1e-5, or 0.1/n at a site with n records)")
     p.add_argument("--max-grad-norm", type=float, help="DP-SGD per-example clipping norm C (default 1.0)")
@@ -78,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--engine", choices=["inprocess", "ray"])
     s.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--examples-per-site", type=int, help="demo data rows at the largest site")
+    s.add_argument("--partition", choices=["iid", "dirichlet", "pathological", "size", "column"],
+                   help="how a --data file is split across its cohort's sites (Flower Datasets' partitioners; default iid)")
+    s.add_argument("--partition-alpha", type=float, metavar="A", help="dirichlet: concentration (smaller = more label skew; default 0.5)")
+    s.add_argument("--partition-classes", type=int, metavar="K", help="pathological: labels per site (default 2)")
+    s.add_argument("--partition-by", metavar="COLUMN", help="column: one site per distinct value of COLUMN (a branch or hospital id)")
+    s.add_argument("--partition-min-size", type=int, metavar="M", help="fewest rows per site (default 2; dirichlet redraws until met)")
     add_run_flags(s)
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint (with its own config)")
     s.add_argument("--quiet", action="store_true", help="no progress bar; print only the summary JSON")
@@ -99,6 +113,8 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "out": args.out, "seed": args.seed, "train.rounds": args.rounds, "train.local_steps": args.local_steps,
         "train.local_epochs": args.local_epochs, "train.batch_size": args.batch_size, "train.learning_rate": args.learning_rate,
+        "train.max_local_steps": args.max_local_steps, "train.optimizer": args.optimizer, "train.momentum": args.momentum,
+        "model.pooling": args.pooling,
         "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source,
         "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
         "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
@@ -128,7 +144,10 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         data = dict(data)
         data["cohorts"] = {d: {**old.get(d, {}), "data": path} for d, path in args.data}
     overrides = run_overrides(args) | {"federation.engine": args.engine, "model.device": args.device,
-                                       "demo.examples_per_site": args.examples_per_site}
+                                       "demo.examples_per_site": args.examples_per_site,
+                                       "partition.kind": args.partition, "partition.alpha": args.partition_alpha,
+                                       "partition.classes": args.partition_classes, "partition.by": args.partition_by,
+                                       "partition.min_size": args.partition_min_size}
     return config_with_flags(data, overrides)
 
 

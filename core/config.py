@@ -9,13 +9,14 @@ TOML layout (every key optional; see ``RunConfig`` for defaults)::
 
     seed = 0
     out = "runs/demo"
-    [model]      source, max_length, device, dtype
+    [model]      source, max_length, device, dtype, pooling, head_dropout
     [lora]       rank, alpha, dropout, target_modules, mode
     [task]       kind
-    [train]      rounds, local_steps, local_epochs, batch_size, optimizer, learning_rate,
-                 weight_decay, eval_fraction, eval_every, max_grad_norm
+    [train]      rounds, local_steps, local_epochs, max_local_steps, batch_size, optimizer, learning_rate,
+                 momentum, weight_decay, eval_fraction, eval_every, max_grad_norm
     [federation] engine, strategy, wire_dtype, ray_cpus_per_site, site_sample_rate
     [demo]       examples_per_site, size_skew, label_skew
+    [partition]  kind, alpha, classes, by, min_size   (how a cohort's data file is split across its sites)
     [privacy]    dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant, grad_sample_mode,
                  client_dp, client_noise_multiplier, client_clip_norm, client_delta, client_noise,
                  adaptive_clip, adaptive_target_quantile, adaptive_clip_lr, adaptive_count_noise,
@@ -51,6 +52,9 @@ class ModelConfig:
     max_length: int = field(default=64, metadata={"help": "tokens per example after truncation"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu, cuda, cuda:N"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16-capable GPU, else fp32), float32, bfloat16"})
+    pooling: str = field(default="auto", metadata={"help": "what the head reads: auto (the model's own pooling config, else mean "
+                                                           "for encoders, last token for decoders), mean, cls, last"})
+    head_dropout: float = field(default=0.0, metadata={"help": "dropout on the pooled vector before the linear head"})
 
     def __post_init__(self) -> None:
         _require(isinstance(self.source, str) and self.source != "", "model.source", self.source, "must be a non-empty path or packaged name")
@@ -58,18 +62,25 @@ class ModelConfig:
         _require(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                  "model.device", self.device, "must be auto, cpu, cuda or cuda:N")
         _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _one_of("model.pooling", self.pooling, ("auto", "mean", "cls", "last"))
+        _require(isinstance(self.head_dropout, (int, float)) and 0.0 <= self.head_dropout < 1.0, "model.head_dropout", self.head_dropout,
+                 "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     """LoRA on the base model's linear layers (PEFT). ``frozen_a``: A comes from a seed every
-    site of a cohort shares and stays fixed; only B (and the head) are trained and sent."""
+    site of a cohort shares and stays fixed; only B (and the head) are trained and sent.
+    ``probe``: only the head is trained and sent (a linear probe; the DP default, chosen by
+    measurement: DP noise grows with the number of trained values, README "Defaults")."""
 
-    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator; scale = alpha / r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     target_modules: tuple[str, ...] = field(default=("query", "value"), metadata={"help": "module names (suffix match)"})
-    mode: str = field(default="standard", metadata={"help": "standard (A and B trained) or frozen_a"})
+    mode: str = field(default="probe", metadata={"help": "probe (only the head on the pooled features: ~1k noisy dimensions instead "
+                                                         "of ~20k under DP; LoRA stays at zero), frozen_a (A from a shared seed, only "
+                                                         "B and the head trained: exact FedAvg) or standard (A, B and the head)"})
 
     def __post_init__(self) -> None:
         _require(isinstance(self.rank, int) and not isinstance(self.rank, bool) and 1 <= self.rank <= 1024,
@@ -80,7 +91,7 @@ class LoraSettings:
         _require(isinstance(self.target_modules, tuple) and len(self.target_modules) > 0
                  and all(isinstance(t, str) and t for t in self.target_modules),
                  "lora.target_modules", self.target_modules, "must be a non-empty list of module names")
-        _one_of("lora.mode", self.mode, ("standard", "frozen_a"))
+        _one_of("lora.mode", self.mode, ("standard", "frozen_a", "probe"))
 
 
 @dataclass(frozen=True)
@@ -97,12 +108,17 @@ class TaskConfig:
 class TrainConfig:
     """Rounds and local training at every site."""
 
+    # Defaults measured on the real sets in ../shared/data (README, "Defaults"): one local epoch per
+    # round (capped for large sites), expected batch 64, SGD with momentum (under DP, AdamW rescales
+    # the noise-dominated coordinates so that every value random-walks by about the learning rate).
     rounds: int = 5
-    local_steps: int = 12
-    local_epochs: float = 0.0  # > 0 replaces local_steps by ceil(epochs * train_examples / batch_size)
-    batch_size: int = 16
-    optimizer: str = "adamw"
-    learning_rate: float = 2e-3
+    local_steps: int = 12  # used only when local_epochs = 0
+    local_epochs: float = 1.0  # > 0 replaces local_steps by ceil(epochs * train_examples / batch_size)
+    max_local_steps: int = 50  # > 0 caps the steps local_epochs gives a large site (0: no cap)
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    learning_rate: float = 0.5
+    momentum: float = 0.9  # SGD's momentum (optimizer = "sgd"); AdamW ignores it
     weight_decay: float = 0.0
     eval_fraction: float = 0.2
     eval_every: int = 1  # evaluate after every k-th round, and always after round 0 and the last
@@ -122,6 +138,9 @@ class TrainConfig:
         _require(isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 10,
                  "train.learning_rate", self.learning_rate, "must be in (0, 10]")
         _require(isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1, "train.weight_decay", self.weight_decay, "must be in [0, 1)")
+        _require(isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        _require(isinstance(self.max_local_steps, int) and not isinstance(self.max_local_steps, bool) and 0 <= self.max_local_steps <= 10_000_000,
+                 "train.max_local_steps", self.max_local_steps, "must be 0 (no cap) or a positive integer")
         _require(isinstance(self.eval_fraction, (int, float)) and 0 < self.eval_fraction < 1,
                  "train.eval_fraction", self.eval_fraction, "must be in (0, 1)")
         _require(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
@@ -165,6 +184,42 @@ class DemoConfig:
                  "demo.examples_per_site", self.examples_per_site, "must be an integer in [20, 1000000]")
         _require(isinstance(self.size_skew, (int, float)) and 0 <= self.size_skew < 1, "demo.size_skew", self.size_skew, "must be in [0, 1)")
         _require(isinstance(self.label_skew, (int, float)) and self.label_skew > 0, "demo.label_skew", self.label_skew, "must be > 0")
+
+
+PARTITION_KINDS = ("iid", "dirichlet", "pathological", "size", "column")
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How a cohort's data file is split across its sites in simulation, with Flower Datasets'
+    partitioners (the math: ``fedlora.simulation.partition``). Demo cohorts are generated per
+    site instead and skewed by ``[demo]``."""
+
+    kind: str = field(default="iid", metadata={"help": "iid, dirichlet (label skew), pathological (K labels per site), "
+                                                       "size (linear size skew) or column (one site per value of `by`)"})
+    alpha: float = field(default=0.5, metadata={"help": "dirichlet: concentration; smaller = more label skew"})
+    classes: int = field(default=2, metadata={"help": "pathological: labels per site"})
+    by: str = field(default="", metadata={"help": "column: the column whose values are the sites (a branch or hospital id)"})
+    min_size: int = field(default=2, metadata={"help": "fewest rows per site (at least 2); dirichlet redraws until it holds"})
+
+    def __post_init__(self) -> None:
+        _one_of("partition.kind", self.kind, PARTITION_KINDS)
+        _require(isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and math.isfinite(self.alpha)
+                 and self.alpha > 0, "partition.alpha", self.alpha, "must be > 0")
+        _require(isinstance(self.classes, int) and not isinstance(self.classes, bool) and 1 <= self.classes <= 100_000,
+                 "partition.classes", self.classes, "must be an integer >= 1 (labels per site)")
+        _require(isinstance(self.min_size, int) and not isinstance(self.min_size, bool) and 2 <= self.min_size <= 10_000_000,
+                 "partition.min_size", self.min_size, "must be an integer >= 2 (a site needs one row to train and one to evaluate)")
+        _require(isinstance(self.by, str), "partition.by", self.by, "must be a column name")
+        if self.kind == "column":
+            _require(self.by != "", "partition.by", self.by, 'is required with partition.kind = "column" (the column whose values name the sites)')
+        else:
+            _require(self.by == "", "partition.by", self.by, f'is used only with partition.kind = "column" (kind is {self.kind!r})')
+
+    def describe(self) -> dict[str, Any]:
+        """The scheme and the parameters it uses (for summary.json and partition.json)."""
+        used = {"iid": (), "dirichlet": ("alpha",), "pathological": ("classes",), "size": (), "column": ("by",)}[self.kind]
+        return {"kind": self.kind, **{k: getattr(self, k) for k in used}, "min_size": self.min_size}
 
 
 @dataclass(frozen=True)
@@ -215,6 +270,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     cohorts: tuple[CohortConfig, ...] = field(default_factory=_default_cohorts)
@@ -226,6 +282,9 @@ class RunConfig:
         _require(len(self.cohorts) > 0, "cohorts", [], "at least one cohort is needed")
         names = [c.name for c in self.cohorts]
         _require(len(set(names)) == len(names), "cohorts", names, "cohort names must be unique")
+        _require(self.partition.kind == "iid" or any(c.data for c in self.cohorts), "partition.kind", self.partition.kind,
+                 "splits a cohort's data file across its sites, but no cohort has one (--data DOMAIN=PATH); the demo data "
+                 "is skewed by [demo] size_skew and label_skew")
         if self.secure_aggregation.enabled:
             _require(STRATEGIES[self.federation.strategy], "federation.strategy", self.federation.strategy,
                      "needs every site's update individually, which secure aggregation never reveals; use a linear strategy "
@@ -263,7 +322,7 @@ class RunConfig:
 
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig, "lora": LoraSettings, "task": TaskConfig, "train": TrainConfig,
-    "federation": FederationConfig, "demo": DemoConfig, "privacy": PrivacyConfig,
+    "federation": FederationConfig, "demo": DemoConfig, "partition": PartitionConfig, "privacy": PrivacyConfig,
     "secure_aggregation": SecureAggregationConfig,
 }
 
@@ -306,9 +365,31 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, **extra: Any) -> Any
     return cls(**kwargs, **extra)
 
 
+# The dataclass defaults are DP-SGD's (DP is on by default). Without DP these defaults apply to
+# every key the config does not set (measured on ../shared/data; README "Defaults").
+NO_DP_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lora": {"mode": "standard", "rank": 8},
+    "train": {"batch_size": 16, "optimizer": "adamw", "learning_rate": 2e-3, "max_local_steps": 200},
+}
+
+
+def _with_mode_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` plus ``NO_DP_DEFAULTS`` for the keys it leaves unset, when it turns DP off."""
+    privacy = data.get("privacy", {})
+    if not isinstance(privacy, Mapping) or privacy.get("dp", PrivacyConfig.dp) is not False:
+        return data
+    out = dict(data)
+    for section, values in NO_DP_DEFAULTS.items():
+        given = data.get(section, {})
+        if isinstance(given, Mapping):
+            out[section] = {**values, **given}
+    return out
+
+
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from a parsed TOML document."""
-    data = dict(data)
+    """Build and validate a RunConfig from a parsed TOML document (with ``NO_DP_DEFAULTS`` under
+    ``privacy.dp = false``)."""
+    data = _with_mode_defaults(dict(data))
     top_known = {"seed", "out", "cohorts", *_SECTIONS}
     unknown = sorted(set(data) - top_known)
     if unknown:

@@ -244,10 +244,15 @@ class LoraRuntime:
         head = self._head("__shape__", num_labels)
         return {f"{self.head_attr}.{n}": tuple(p.shape) for n, p in head.named_parameters()}
 
+    def _frozen(self, key: str) -> bool:
+        """Whether a LoRA array stays at its initial value: A in ``frozen_a``, A and B in ``probe``."""
+        mode = self.spec.lora_mode
+        return key in self.lora_params and (mode == "probe" or (mode == "frozen_a" and ".lora_A." in key))
+
     def sent_keys(self) -> list[str]:
-        """LoRA keys that are trained and sent: A and B (standard) or only B (frozen_a)."""
-        frozen = self.spec.lora_mode == "frozen_a"
-        return [k for k in self.lora_params if not (frozen and ".lora_A." in k)]
+        """LoRA keys that are trained and sent: A and B (standard), only B (frozen_a), none (probe:
+        only the head learns, a linear probe of the pooled features)."""
+        return [k for k in self.lora_params if not self._frozen(k)]
 
     def adapter_shapes(self, num_labels: int) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every array that is trained and travels on the wire."""
@@ -278,13 +283,13 @@ class LoraRuntime:
         """Put a cohort's adapter (wire keys) into the shared model; frozen A is rebuilt from the seed."""
         head = self._head(cohort, num_labels)
         self.model.classifier = head
-        frozen = self.spec.lora_mode == "frozen_a"
-        frozen_a = self.initial_adapter(seed, cohort, num_labels, include_frozen=True) if frozen else {}
+        fixed = self.initial_adapter(seed, cohort, num_labels, include_frozen=True) if self.spec.lora_mode != "standard" else {}
         with torch.no_grad():
             for k, p in self.lora_params.items():
-                src = frozen_a[k] if frozen and ".lora_A." in k else state[k]
+                frozen = self._frozen(k)
+                src = fixed[k] if frozen else state[k]
                 p.copy_(torch.from_numpy(np.asarray(src, dtype=np.float32)))
-                p.requires_grad_(not (frozen and ".lora_A." in k))
+                p.requires_grad_(not frozen)
             for n, p in head.named_parameters():
                 p.copy_(torch.from_numpy(np.asarray(state[f"{self.head_attr}.{n}"], dtype=np.float32)))
 
@@ -318,8 +323,8 @@ class LoraRuntime:
         from safetensors.numpy import save_file
 
         full = dict(state)
-        if self.spec.lora_mode == "frozen_a":
-            full.update({k: v for k, v in self.initial_adapter(seed, cohort, len(labels), include_frozen=True).items() if ".lora_A." in k})
+        if self.spec.lora_mode != "standard":
+            full.update({k: v for k, v in self.initial_adapter(seed, cohort, len(labels), include_frozen=True).items() if self._frozen(k)})
         directory.mkdir(parents=True, exist_ok=True)
         cfg = LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_alpha, lora_dropout=self.spec.lora_dropout,
                          target_modules=list(self.spec.lora_targets), bias="none", task_type=self.task.peft_task_type,

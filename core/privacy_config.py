@@ -31,7 +31,7 @@ class PrivacyConfig:
     ``reproducible_noise`` (simulation only, research) seeds the DP noise from the run's seed:
     the run then gives no guarantee against anyone who knows the seed."""
 
-    dp: bool = False
+    dp: bool = True  # a privacy-preserving platform: DP-SGD at epsilon 8 per site unless --no-dp
     epsilon: float = 8.0
     delta: float = 0.0
     max_grad_norm: float = 1.0

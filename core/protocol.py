@@ -171,8 +171,14 @@ class RoundPlan(Part):
     eval_fraction: float = _key("train.eval_fraction")
     rounds: int = _key("train.rounds")
     eval_every: int = _key("train.eval_every", default=1)
+    momentum: float = _key("train.momentum", default=0.0)
+    max_local_steps: int = _key("train.max_local_steps", default=0)
 
     def problem(self) -> str:
+        if not 0 <= self.momentum < 1:
+            return f"momentum = {self.momentum} must be in [0, 1)"
+        if self.max_local_steps < 0:
+            return f"max_local_steps = {self.max_local_steps} is below 0"
         for name in ("round", "rounds", "local_steps", "batch_size", "eval_every"):
             low = 0 if name == "round" else 1
             if getattr(self, name) < low:

@@ -44,7 +44,8 @@ from .exchange import send_and_receive
 from .evaluation import NO_METRICS, clear_metrics, secure_metrics
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
-from .run_summary import cohort_summary, privacy_summary
+from .advice import with_warnings
+from .run_summary import cohort_summary, partition_summary, privacy_summary
 from .secure_round import SecureAggregation
 from .secure_round import validate as validate_secure_aggregation
 
@@ -135,7 +136,7 @@ class Coordinator:
                          wire_dtype=self.cfg.federation.wire_dtype, local_steps=t.local_steps, local_epochs=float(t.local_epochs),
                          batch_size=t.batch_size, optimizer=t.optimizer, learning_rate=float(t.learning_rate),
                          weight_decay=float(t.weight_decay), max_grad_norm=float(t.max_grad_norm), eval_fraction=float(t.eval_fraction),
-                         rounds=t.rounds, eval_every=t.eval_every)
+                         rounds=t.rounds, eval_every=t.eval_every, momentum=float(t.momentum), max_local_steps=t.max_local_steps)
         ask = PrivacyAsk(dp=p.dp, epsilon=float(p.epsilon), delta=float(p.delta), max_grad_norm=float(p.max_grad_norm),
                          noise_multiplier=float(p.noise_multiplier), accountant=p.accountant, grad_sample_mode=p.grad_sample_mode,
                          eval_metrics=p.eval_metrics)
@@ -434,11 +435,13 @@ class Coordinator:
             "model": self.cfg.model.source,
             "lora_mode": self.cfg.lora.mode,
             "wire_dtype": self.cfg.federation.wire_dtype,
+            "partition": partition_summary(self.cfg),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "wall_seconds": time.perf_counter() - start,
             "cohorts": {c.name: cohort_summary(c, initial, last) for c in self.cohorts.values()},
         }
         summary["privacy"] = privacy_summary(self.cfg.privacy, self.client_dp, self.ledger, self.cohorts)
+        with_warnings(summary, dp=self.cfg.privacy.dp)
         self.run_dir.write_json("summary.json", summary)
         return summary

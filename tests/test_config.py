@@ -87,3 +87,17 @@ def test_data_flags_run_exactly_the_named_cohorts(tmp_path: Path) -> None:
 def test_config_round_trips_through_its_dict() -> None:
     cfg = config_from_dict({"lora": {"rank": 2, "target_modules": ["query"]}, "cohorts": {"medical": {"sites": 2}}})
     assert config_from_dict({k: v for k, v in cfg.to_dict().items()}) == cfg
+
+
+def test_dp_is_on_by_default_and_the_defaults_follow_the_mode() -> None:
+    from fedlora.config import NO_DP_DEFAULTS
+
+    dp = config_from_dict({})
+    assert dp.privacy.dp and dp.privacy.epsilon == 8.0 and dp.secure_aggregation.enabled
+    assert (dp.lora.mode, dp.train.optimizer, dp.train.momentum) == ("probe", "sgd", 0.9)
+    plain = config_from_dict({"privacy": {"dp": False}})
+    for section, values in NO_DP_DEFAULTS.items():
+        assert {k: getattr(getattr(plain, section), k) for k in values} == values
+    mine = config_from_dict({"privacy": {"dp": False}, "train": {"batch_size": 32}, "lora": {"mode": "frozen_a"}})
+    assert mine.train.batch_size == 32 and mine.lora.mode == "frozen_a" and mine.train.optimizer == "adamw"
+    assert config_from_dict(plain.to_dict()) == plain and config_from_dict(dp.to_dict()) == dp  # config.toml reloads the same run

@@ -145,3 +145,23 @@ def test_model_spec_travels_as_flat_config(tiny_model: Path) -> None:
     assert ModelSpec.from_flat(spec.to_flat() | {"round": 3}) == spec
     with pytest.raises(ModelError, match="incomplete"):
         ModelSpec.from_flat({"model.source": "x"})
+
+
+def test_probe_mode_trains_and_sends_only_the_head(tiny_model: Path, tmp_path: Path) -> None:
+    """``lora.mode = "probe"``: a linear probe of the pooled features; LoRA stays at its start (B = 0)."""
+    from fedlora.inference import load_classifier
+
+    rt = get_runtime(_spec(tiny_model, lora_mode="probe"), "cpu")
+    assert set(rt.adapter_shapes(3)) == {"classifier.weight", "classifier.bias"}
+    state = {k: v + 0.1 for k, v in rt.initial_adapter(0, "retail", 3).items()}
+    rt.load_adapter(state, 0, "retail", 3)
+    assert all(not p.requires_grad for p in rt.lora_params.values())
+    assert [id(p) for p in rt.trainable_parameters()] == [id(p) for p in rt.model.classifier.parameters()]
+    rt.save_peft(tmp_path / "a", state, 0, "retail", ["a", "b", "c"])
+    rt.model.eval()
+    batch = rt.tokenizer(["a short review", "another one, longer than the first"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours = rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rt.model.train()
+    torch.testing.assert_close(ours, load_classifier(tmp_path / "a").logits(["a short review", "another one, longer than the first"]),
+                               rtol=1e-5, atol=1e-5)
