@@ -378,8 +378,8 @@ def _num(x: Any) -> str:
         return str(x)
     if isinstance(x, float):
         if x != 0 and abs(x) < 1e-3:
-            mant, exp = f"{x:.2g}".split("e")
-            return f"{mant}e{int(exp)}"
+            mant, exp = f"{x:.1e}".split("e")  # 0.000915 -> 9.2e-4 (".2g" writes 0.00092: no exponent)
+            return f"{mant.rstrip('0').rstrip('.')}e{int(exp)}"
         return f"{x:.4g}"
     return str(x)
 

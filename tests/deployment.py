@@ -172,14 +172,16 @@ def live_processes(tree: ProcessTree, timeout: float = CHECK_WAIT) -> list[str]:
 
 
 class LocalDeployment:
-    """``with LocalDeployment(tmp) as d: d.site(...); d.run(project)``: an insecure SuperLink on loopback."""
+    """``with LocalDeployment(tmp) as d: d.site(...); d.run(project)``: an insecure SuperLink on loopback.
+    ``d.submit(project)`` starts ``flwr run`` without waiting (``d.wait("flwr-run", ...)``), so that
+    a test can act during the run, e.g. ``d.kill(site)``."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.home = root / "flwr-home"
         self.logs = root / "logs"
         self.port = free_port()
-        self.procs: list[subprocess.Popen] = []
+        self.procs: dict[str, subprocess.Popen] = {}
         self.env = flower_env(self.home)
         self.tree: ProcessTree | None = None
         self._files: list[IO] = []
@@ -191,9 +193,24 @@ class LocalDeployment:
         self._files.append(log)
         proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 cwd=self.root, start_new_session=True)
-        self.procs.append(proc)
+        self.procs[name] = proc
         self.tree.add(proc)
         return proc
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout} s; its log:\n{self.log(name)[-4000:]}") from None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = KILL_WAIT) -> None:
+        """``sig`` to the whole group of ``name``; returns once ``name`` itself has exited."""
+        assert self.tree is not None
+        self.tree.signal_group(self.procs[name], sig)
+        self.wait(name, timeout)
 
     def __enter__(self) -> LocalDeployment:
         self.home.mkdir(parents=True)
@@ -215,13 +232,22 @@ class LocalDeployment:
         self._start(name, ["fedlora", "client", "--insecure", "--server", f"127.0.0.1:{self.port}", "--domain", domain, "--name", name,
                            "--data", str(data), "--state-dir", str(state)])
 
-    def run(self, project: Path, timeout: float, run_config: dict[str, object] | None = None) -> subprocess.CompletedProcess:
-        """``flwr run PROJECT --stream [--run-config ...]``: returns when the run ends (its ServerApp's output included)."""
+    @staticmethod
+    def _run_args(project: Path, run_config: dict[str, object] | None) -> list[str]:
         extra = []
         if run_config:
             extra = ["--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())]
-        return subprocess.run([str(BIN / "flwr"), "run", str(project), "--stream", *extra], capture_output=True, text=True, env=self.env,
+        return ["flwr", "run", str(project), "--stream", *extra]
+
+    def run(self, project: Path, timeout: float, run_config: dict[str, object] | None = None) -> subprocess.CompletedProcess:
+        """``flwr run PROJECT --stream [--run-config ...]``: returns when the run ends (its ServerApp's output included)."""
+        return subprocess.run([str(BIN / "flwr"), *self._run_args(project, run_config)[1:]], capture_output=True, text=True, env=self.env,
                               cwd=self.root, timeout=timeout)
+
+    def submit(self, project: Path, run_config: dict[str, object] | None = None, name: str = "flwr-run") -> subprocess.Popen:
+        """``flwr run PROJECT --stream [--run-config ...]`` in the background, a process of the tree
+        named ``name`` (its output, the ServerApp's included, in ``d.log(name)``)."""
+        return self._start(name, self._run_args(project, run_config))
 
     def __exit__(self, *exc: object) -> None:
         try:

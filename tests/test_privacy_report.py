@@ -254,3 +254,10 @@ def test_a_directory_that_is_not_a_run_is_refused_with_its_name(tmp_path: Path, 
         build_report(tmp_path)
     assert main(["privacy-report", str(tmp_path)]) == 2
     assert "not a fedlora run directory" in capsys.readouterr().err
+
+
+def test_small_numbers_read_with_an_exponent_whatever_their_digits() -> None:
+    from fedlora.privacy.report import _num
+
+    # 0.000915 (a budget left) once crashed the report: ".2g" writes it without an exponent
+    assert [_num(x) for x in (0.000915, 1e-5, 2.5e-6, 0.0001, 0.5, 3.0)] == ["9.2e-4", "1e-5", "2.5e-6", "1e-4", "0.5", "3"]

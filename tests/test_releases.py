@@ -90,7 +90,7 @@ def test_dp_off_releases_exactly_and_with_no_guarantee() -> None:
     for name in ("train.update", "train.size", "train.loss", "train.seconds", "evaluate.metrics"):
         assert c[name].status == "no guarantee" and c[name].visibility == "per site", name
     assert "exact" in c["train.size"].what
-    s = _by_name({}, {})  # defaults: DP off, secure aggregation on
+    s = _by_name({"dp": False}, {})  # DP off (no longer the default), secure aggregation on by default
     assert s["train.update"].visibility == "cohort sum" and s["train.update"].status == "no guarantee"
     assert s["train.seconds"].status == "not released" and s["secagg.masked"].status == "no guarantee"
     assert c["privacy.event"].status == "not released" and c["secagg.keys"].status == "not released"  # not sent
