@@ -21,7 +21,7 @@ from fedlora.client.trainer import LocalTrainSettings, evaluate_local, train_loc
 from fedlora.config import config_from_dict
 from fedlora.model import ModelSpec, get_runtime
 from fedlora.simulation.runner import plan_sites
-from fedlora.task import EncodedExamples
+from fedlora.tasks import EncodedExamples
 
 
 def _pool(parts: list[EncodedExamples]) -> EncodedExamples:

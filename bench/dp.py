@@ -23,6 +23,7 @@ from fedlora.config import PACKAGED_MODEL
 from fedlora.model import ModelSpec, get_runtime
 from fedlora.privacy.randomness import RoundSeeds
 from fedlora.simulation.demo_data import LABELS, generate_site
+from fedlora.tasks import LabelledTexts
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     rt = get_runtime(spec, "cpu")
     df = generate_site("finance", 0, 1, seed=0, examples_per_site=640)
     y = np.array([LABELS["finance"].index(v) for v in df["label"]])
-    enc = rt.task.encode(rt.tokenizer, df["text"].tolist(), y, 64)
+    enc = rt.task.encode(rt.tokenizer, LabelledTexts(tuple(df["text"]), y), LABELS["finance"], 64)
     state = rt.initial_adapter(0, "finance", 3)
     settings = LocalTrainSettings(args.steps, 0.0, args.batch_size, "adamw", 2e-3, 0.0, 0.0)
     dp = DpSgdSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=args.batch_size / len(enc))

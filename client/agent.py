@@ -57,6 +57,9 @@ class SiteOptions:
     name: str
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = ""
+    response_column: str = ""
+    messages_column: str = ""
     key: Path | None = None
     root_cert: Path | None = None
     insecure: bool = False
@@ -78,7 +81,7 @@ def check_site(opts: SiteOptions) -> None:
 
     from fedlora.server.certs import check_root_cert, check_site_key
 
-    from .data import load_labelled_texts
+    from fedlora.tasks import SiteColumns, get_task
 
     parse_address(opts.server, "--server")
     if not _NAME.match(opts.domain):
@@ -96,7 +99,9 @@ def check_site(opts: SiteOptions) -> None:
         raise ConfigError("--delta", opts.delta, "must be in (0, 0.1) (0: automatic)")
     if opts.public_size < 0:
         raise ConfigError("--public-size", opts.public_size, "must be a positive number of records (0: automatic)")
-    load_labelled_texts(str(opts.data), opts.text_column, opts.label_column, None)  # readable, columns present, not empty
+    columns = SiteColumns(opts.text_column, opts.label_column, opts.prompt_column, opts.response_column, opts.messages_column)
+    instruction = bool(opts.prompt_column or opts.messages_column)  # text/label files serve either task
+    get_task("causal_lm" if instruction else "sequence_classification").read(str(opts.data), columns, None)  # readable, columns present
     if opts.model:
         model_fingerprint(opts.model)
 
@@ -118,6 +123,10 @@ def key_identity(key: Path | None) -> str:
 def node_config(opts: SiteOptions) -> str:
     items = {"domain": opts.domain, "site-name": opts.name, "data-path": str(opts.data.resolve()), "text-column": opts.text_column,
              "label-column": opts.label_column, "state-dir": str(opts.state_dir.resolve()), "device": opts.device}
+    for key, value in (("prompt-column", opts.prompt_column), ("response-column", opts.response_column),
+                       ("messages-column", opts.messages_column)):
+        if value:
+            items[key] = value
     for key, value in (("epsilon", opts.epsilon), ("delta", opts.delta), ("accountant", opts.accountant),
                        ("public-size", opts.public_size)):
         if value:

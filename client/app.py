@@ -41,9 +41,9 @@ from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, effective_pr
 from fedlora.protocol import (ClientDpAsk, EvalKept, EvalMetrics, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, arrays,
                               read, record_of)
 from fedlora.records import from_record, to_record
-from fedlora.task import EncodedExamples
+from fedlora.tasks import EncodedExamples
 
-from .data import load_labelled_texts, split_train_eval
+from .data import split_train_eval
 from . import secagg_site
 from .privacy_site import BudgetExhausted, client_level_update, private_eval_noise, private_round
 from .site import SiteSpec
@@ -65,10 +65,10 @@ _DATA_CACHE: dict[tuple, SiteData] = {}
 def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed: int, eval_fraction: float) -> SiteData:
     """Load, validate, split and tokenise a site's data once per process: its ``rows`` of the
     file (all rows when empty; the file itself is read once per process, ``load_labelled_texts``)."""
-    key = (site.name, site.cohort, site.data_path, site.text_column, site.label_column, site.rows,
+    key = (site.name, site.cohort, site.data_path, site.columns, site.rows, runtime.spec.task,
            tuple(labels), str(runtime.path), runtime.spec.max_length, seed, eval_fraction)
     if key not in _DATA_CACHE:
-        data, label_list = load_labelled_texts(site.data_path, site.text_column, site.label_column, labels)
+        data, label_list = runtime.task.read(site.data_path, site.columns, list(labels))
         if site.rows:
             beyond = [r for r in (min(site.rows), max(site.rows)) if not 0 <= r < len(data)]
             if beyond:
@@ -78,7 +78,7 @@ def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed:
         train, held_out = split_train_eval(data, eval_fraction, seed, site.name)
         enc = runtime.task.encode
         tok, n = runtime.tokenizer, runtime.spec.max_length
-        _DATA_CACHE[key] = SiteData(enc(tok, train.texts, train.labels, n), enc(tok, held_out.texts, held_out.labels, n), tuple(label_list))
+        _DATA_CACHE[key] = SiteData(enc(tok, train, label_list, n), enc(tok, held_out, label_list, n), tuple(label_list))
     return _DATA_CACHE[key]
 
 
@@ -192,7 +192,7 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
     def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         runtime, plan, eff, data, state = prepare(msg, site)
         setup = secagg_setup(msg)
-        res = evaluate_local(runtime, state, data.eval, seed=plan.seed, cohort=site.cohort, num_labels=len(data.labels))
+        res = evaluate_local(runtime, state, data.eval, seed=plan.seed, cohort=site.cohort, labels=data.labels)
         mode = eff.eval_metrics if eff.dp else "public"
         if mode == "site":
             _keep_metrics(site, plan.round, res)

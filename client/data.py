@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +19,9 @@ import pandas as pd
 
 from fedlora.errors import DataError
 from fedlora.model import derive_seed
+from fedlora.tasks.base import LabelledTexts
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-
-
-@dataclass(frozen=True)
-class LabelledTexts:
-    """Texts and their class ids (indices into the cohort's label list)."""
-
-    texts: tuple[str, ...]
-    labels: np.ndarray  # int64
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def subset(self, index: np.ndarray | Sequence[int]) -> LabelledTexts:
-        """The rows ``index`` (0-based data rows, in that order); a new object (labels copied)."""
-        index = np.asarray(index, dtype=np.int64)
-        return LabelledTexts(tuple(self.texts[i] for i in index), self.labels[index])
 
 
 def read_table(path: str | Path) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from fedlora.errors import FedloraError
 from fedlora.model import LoraRuntime
 from fedlora.privacy.events import DpSgdEvent
 from fedlora.privacy.randomness import RoundSeeds
-from fedlora.task import EncodedExamples
+from fedlora.tasks import EncodedExamples
 
 from .trainer import LocalTrainSettings, TrainResult, adapter_delta, make_optimizer
 

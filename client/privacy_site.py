@@ -42,7 +42,7 @@ from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, public_size, resolve_delta
 from fedlora.privacy.randomness import RoundSeeds
 from fedlora.protocol import ClientDpAsk, PrivacyStatus, RoundPlan
-from fedlora.task import EncodedExamples
+from fedlora.tasks import EncodedExamples
 
 from .dp_trainer import DpSgdSettings, train_local_dp
 from .release_cache import ReleaseCache, request_digest

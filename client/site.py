@@ -12,6 +12,7 @@ from typing import Any
 
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.privacy.policy import SitePolicy
+from fedlora.tasks.base import SiteColumns
 
 
 def _whole(value: Any, key: str) -> int:
@@ -29,12 +30,20 @@ class SiteSpec:
     data_path: str
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = ""  # instruction data (causal_lm): prompt/response columns, or a messages column
+    response_column: str = ""
+    messages_column: str = ""
     rows: tuple[int, ...] = ()  # this site's rows of data_path (0-based data rows; simulation splits one file); () = all rows
     state_dir: str = ""  # where the site keeps what must outlive its process (its privacy ledger); "" = memory only
     model: str = ""  # the base model this site holds (path or packaged name); "" = the one the coordinator names
     device: str = ""  # this site's device (auto, cpu, cuda, cuda:N); "" = the process default
     policy: SitePolicy = field(default_factory=SitePolicy)  # the site's own privacy policy (fedlora.privacy.policy)
     identity: str = ""  # the site's key identity (deployment: its public key's fingerprint); "" = sim:<name>
+
+    @property
+    def columns(self) -> SiteColumns:
+        """The columns the task reads from this site's file."""
+        return SiteColumns(self.text_column, self.label_column, self.prompt_column, self.response_column, self.messages_column)
 
     @property
     def key_identity(self) -> str:
@@ -47,7 +56,8 @@ class SiteSpec:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSpec:
         """Read a deployed site's spec from SuperNode node config keys
-        ``site-name``, ``domain``, ``data-path``, ``text-column``, ``label-column``, ``state-dir``,
+        ``site-name``, ``domain``, ``data-path``, ``text-column``, ``label-column``, ``prompt-column``,
+        ``response-column``, ``messages-column``, ``state-dir``,
         ``model``, ``device``, ``identity`` and the policy: ``epsilon``, ``delta``, ``accountant``,
         ``eval-metrics``, ``public-size``. Reproducible noise is never read from here: it exists
         in simulation only."""
@@ -65,6 +75,8 @@ class SiteSpec:
             raise ConfigError("node-config", dict(node_config), f"the site's privacy policy: {e}") from None
         return cls(name=str(node_config.get("site-name") or domain), cohort=domain, data_path=str(node_config["data-path"]),
                    text_column=str(node_config.get("text-column", "text")), label_column=str(node_config.get("label-column", "label")),
+                   prompt_column=str(node_config.get("prompt-column", "")), response_column=str(node_config.get("response-column", "")),
+                   messages_column=str(node_config.get("messages-column", "")),
                    state_dir=state_dir,
                    model=str(node_config.get("model", "")), device=str(node_config.get("device", "")), policy=policy,
                    identity=str(node_config.get("identity", "")))

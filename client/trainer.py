@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from fedlora.model import LoraRuntime, derive_seed
-from fedlora.task import EncodedExamples
+from fedlora.tasks import EncodedExamples, EvalResult
 
 
 @dataclass(frozen=True)
@@ -105,40 +105,14 @@ def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], ex
     return TrainResult(delta=delta, train_loss=float(np.mean(losses)), steps=steps, num_examples=len(examples), seconds=seconds)
 
 
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float  # mean cross-entropy
-    accuracy: float
-    num_examples: int
-    label_counts: list[int]  # eval examples per class (for the majority-class baseline)
-    seconds: float  # wall time of the forward passes
-    loss_sum_capped: float = 0.0  # sum of min(loss_i, LOSS_CAP) over the examples (the DP eval release's loss entry)
-
-
 @torch.no_grad()
 def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], examples: EncodedExamples, *,
-                   seed: int, cohort: str, num_labels: int, batch_size: int = 64) -> EvalResult:
-    """Loss and accuracy of the cohort's adapter on the site's held-out examples."""
-    runtime.load_adapter(state, seed, cohort, num_labels)
-    model = runtime.model
-    model.eval()
-    pad = int(runtime.tokenizer.pad_token_id)
-    from fedlora.privacy.eval_release import LOSS_CAP
-
-    total_loss, capped, correct = 0.0, 0.0, 0
-    start_time = time.perf_counter()
-    for start in range(0, len(examples), batch_size):
-        index = np.arange(start, min(start + batch_size, len(examples)))
-        batch = runtime.task.batch(examples, index, pad, runtime.device)
-        with runtime.autocast():
-            per_example, logits = runtime.task.loss(model, batch, reduction="none")
-        total_loss += float(per_example.mean()) * len(index)
-        per = per_example.float()  # a non-finite loss (a crafted adapter) counts as the cap: no NaN can signal a record
-        capped += float(torch.where(torch.isfinite(per), per.clamp(0.0, LOSS_CAP), torch.full_like(per, LOSS_CAP)).sum())
-        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
-    seconds = time.perf_counter() - start_time
-    model.train()
-    n = len(examples)
-    counts = np.bincount(examples.labels, minlength=num_labels).tolist()
-    return EvalResult(loss=total_loss / n, accuracy=correct / n, num_examples=n, label_counts=[int(c) for c in counts], seconds=seconds,
-                      loss_sum_capped=capped)
+                   seed: int, cohort: str, labels: Sequence[str], batch_size: int = 64) -> EvalResult:
+    """The task's evaluation (``Task.evaluate``: loss, accuracy, counts) of the cohort's adapter on the
+    site's held-out examples."""
+    runtime.load_adapter(state, seed, cohort, len(labels))
+    runtime.model.eval()
+    try:
+        return runtime.task.evaluate(runtime, examples, list(labels), batch_size)
+    finally:
+        runtime.model.train()

@@ -4,6 +4,8 @@
 
 ``fedlora certs`` / ``fedlora server`` / ``fedlora client``: a real deployment (``cli_deploy``).
 
+``fedlora generate ADAPTER_DIR --prompt TEXT``: answers from a causal-LM cohort's adapter (``cli_generate``).
+
 ``fedlora simulate``: a local federation (defaults: 9 sites, 3 finance, 3 medical, 3 retail,
 synthetic demo data, the packaged pretrained model, LoRA). A TOML config (``--config``)
 describes the run and flags override it; the whole config is validated before any work.
@@ -50,7 +52,14 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="what the classification head reads (default auto: the model's own pooling config, else mean for "
                         "encoders and the last token for decoders)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--model", dest="model_source", help="local HF checkpoint folder (default: the packaged all-MiniLM-L6-v2)")
+    p.add_argument("--task", dest="task_kind", choices=["sequence_classification", "causal_lm"],
+                   help="sequence_classification (default) or causal_lm (instruction tuning of a decoder)")
+    p.add_argument("--model", dest="model_source", help="local HF checkpoint folder (default: the packaged all-MiniLM-L6-v2; "
+                                                        "with --task causal_lm packaged:SmolLM2-135M-Instruct)")
+    p.add_argument("--target-modules", help="LoRA targets: auto (default), all-linear, or module names (comma separated)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (less memory for big decoders; not with DP)")
+    p.add_argument("--quantization", choices=["none", "4bit", "8bit"], help="4/8-bit base weights (bitsandbytes, CUDA sites only)")
     p.add_argument("--lora-rank", type=int)
     p.add_argument("--lora-mode", choices=["standard", "frozen_a", "probe"],
                    help="standard (A and B trained), frozen_a (only B), probe (only the head: a linear probe)")
@@ -83,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="real CSV/JSONL/Parquet data for a cohort, split across its sites (repeatable); only the named cohorts run")
     s.add_argument("--text-column", help="text column of --data files (default text)")
     s.add_argument("--label-column", help="label column of --data files (default label)")
+    s.add_argument("--prompt-column", help="causal_lm: prompt column of --data files (with --response-column)")
+    s.add_argument("--response-column", help="causal_lm: response column of --data files")
+    s.add_argument("--messages-column", help="causal_lm: a column of chat turns whose last turn is the assistant's answer")
     s.add_argument("--engine", choices=["inprocess", "ray"])
     s.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--examples-per-site", type=int, help="demo data rows at the largest site")
@@ -105,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                        description="Recompute every site's privacy spend from a run directory's ledger; works on a run in progress.")
     r.add_argument("run_dir", metavar="RUN_DIR")
     r.add_argument("--out", help="where to write privacy.json/.md/.html/.png (default: RUN_DIR)")
+    from .cli_generate import add_generate_parser
+
+    add_generate_parser(sub)
     return p
 
 
@@ -114,7 +129,8 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "out": args.out, "seed": args.seed, "train.rounds": args.rounds, "train.local_steps": args.local_steps,
         "train.local_epochs": args.local_epochs, "train.batch_size": args.batch_size, "train.learning_rate": args.learning_rate,
         "train.max_local_steps": args.max_local_steps, "train.optimizer": args.optimizer, "train.momentum": args.momentum,
-        "model.pooling": args.pooling,
+        "model.pooling": args.pooling, "task.kind": args.task_kind, "lora.target_modules": args.target_modules,
+        "train.gradient_checkpointing": args.gradient_checkpointing, "model.quantization": args.quantization,
         "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source,
         "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
         "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
@@ -123,6 +139,9 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "privacy.eval_metrics": args.eval_metrics, "privacy.reproducible_noise": getattr(args, "reproducible_noise", None),
         "cohorts.*.sites": args.sites, "cohorts.*.text_column": getattr(args, "text_column", None),
         "cohorts.*.label_column": getattr(args, "label_column", None),
+        "cohorts.*.prompt_column": getattr(args, "prompt_column", None),
+        "cohorts.*.response_column": getattr(args, "response_column", None),
+        "cohorts.*.messages_column": getattr(args, "messages_column", None),
     }
 
 
@@ -167,7 +186,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     else:
         print(f"\nrun directory: {run_dir}")
         for name, c in summary["cohorts"].items():
-            print(f"  {name:<10} accuracy {c['accuracy']:.3f}   majority baseline {c['majority_baseline']:.3f}   sites {len(c['sites'])}")
+            shown = [f"{k.replace('_', ' ')} {c[k]:.3f}" for k in ("accuracy", "majority_baseline", "eval_loss", "perplexity")
+                     if isinstance(c.get(k), (int, float))]
+            print(f"  {name:<10} {'   '.join(shown)}   sites {len(c['sites'])}")
         for site, p in summary.get("privacy", {}).get("sites", {}).items():
             print(f"  {site:<14} epsilon {p['epsilon']:.3f} of {p['budget_epsilon']:g} (delta {p['delta']:.1g}), rounds {p['rounds_joined']}")
         print(f"  rounds {summary['rounds_completed']}, bytes up {summary['bytes_up']:,}, down {summary['bytes_down']:,}, "
@@ -204,7 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from .cli_deploy import COMMANDS
 
-        return {"simulate": _cmd_simulate, "privacy-report": _cmd_privacy_report, **COMMANDS}[args.command](args)
+        from .cli_generate import cmd_generate
+
+        return {"simulate": _cmd_simulate, "privacy-report": _cmd_privacy_report, "generate": cmd_generate,
+                **COMMANDS}[args.command](args)
     except FedloraError as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -67,6 +67,9 @@ def add_deploy_parsers(sub: Any) -> None:
     k.add_argument("--name", help="this site's name (default: the --key file's name, else the domain)")
     k.add_argument("--text-column", default="text")
     k.add_argument("--label-column", default="label")
+    k.add_argument("--prompt-column", default="", help="causal_lm: prompt column (with --response-column)")
+    k.add_argument("--response-column", default="", help="causal_lm: response column")
+    k.add_argument("--messages-column", default="", help="causal_lm: a column of chat turns ending with the answer")
     k.add_argument("--key", type=Path, help="this site's private key (<site>.key from fedlora certs)")
     k.add_argument("--root-cert", type=Path, help="the federation's CA certificate (ca.pem from fedlora certs)")
     k.add_argument("--insecure", action="store_true", help="no TLS and no site key (test networks only)")
@@ -137,7 +140,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING.format(where=args.server), file=sys.stderr, flush=True)
     opts = SiteOptions(server=args.server, data=Path(args.data), domain=args.domain, name=name, text_column=args.text_column,
-                       label_column=args.label_column, key=args.key, root_cert=args.root_cert, insecure=args.insecure,
+                       label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,
+                       messages_column=args.messages_column, key=args.key, root_cert=args.root_cert, insecure=args.insecure,
                        device=args.device, epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
                        eval_metrics=args.eval_metrics, public_size=args.public_size, model=args.model, state_dir=(args.state_dir or Path("fedlora-state") / name).resolve(),
                        connect_timeout=args.connect_timeout)

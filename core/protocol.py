@@ -192,8 +192,8 @@ class RoundPlan(Part):
             return "learning_rate, weight_decay and max_grad_norm must be finite (learning_rate > 0, max_grad_norm >= 0)"
         if self.optimizer not in ("adamw", "sgd"):
             return f"optimizer {self.optimizer!r} is not adamw or sgd"
-        if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
-            return f"labels {list(self.labels)[:8]} must be at least two distinct labels"
+        if len(set(self.labels)) != len(self.labels) or len(self.labels) == 1:
+            return f"labels {list(self.labels)[:8]} must be distinct, and none or at least two (none: instruction data without classes)"
         return ""
 
 

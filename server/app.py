@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora.config import RunConfig, apply_overrides, config_from_dict, load_config
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.tasks import get_task
 
 from .checkpoint import Checkpoint
 from .coordinator import Coordinator
@@ -54,6 +55,8 @@ def deployment_labels(cfg: RunConfig) -> dict[str, list[str]]:
             out[c.name] = list(c.labels)
         elif c.name in LABELS and not c.data:
             out[c.name] = list(LABELS[c.name])
+        elif not get_task(cfg.task.kind).labels_required:
+            out[c.name] = []  # instruction data without classes; label-answer sites then refuse, naming the missing list
         else:
             raise ConfigError(f"cohorts.{c.name}.labels", [], "must be listed in deployment: the coordinator holds no data to read them from")
     return out

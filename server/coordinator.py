@@ -37,6 +37,7 @@ from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.secagg_vector import read_sum
 from fedlora.strategies import SiteUpdate, get_strategy
+from fedlora.tasks import get_task
 
 from .checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
 from .cohort import Cohort, RoundReplies, weighted
@@ -59,6 +60,7 @@ class Coordinator:
         self.cfg, self.run_dir, self.progress, self.resume = cfg, run_dir, progress, resume
         self.registered = registered or {}  # node id -> site name of the sites allowed to join (deployment)
         self.spec = ModelSpec.from_config(cfg)
+        self.task = get_task(cfg.task.kind)  # what the cohorts' metrics mean (``fedlora.tasks``)
         self.strategy = get_strategy(cfg.federation.strategy)
         self.cohorts = {c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts}
         self.expected_sites, self.wait_timeout, self.round_timeout = expected_sites, wait_timeout, round_timeout
@@ -362,12 +364,13 @@ class Coordinator:
         for cohort in self.cohorts.values():
             entry = line["cohorts"].setdefault(cohort.name, {})
             if cohort.secure and self.cfg.secure_aggregation.metrics == "none":
-                entry.update(NO_METRICS)
+                metrics = dict(NO_METRICS)
             elif self._secure_metrics(cohort):
                 assert self.secagg is not None
-                entry.update(secure_metrics(self.secagg, self._stage_exchange(grid), cohort, replies, round_))
+                metrics = secure_metrics(self.secagg, self._stage_exchange(grid), cohort, replies, round_)
             else:
-                entry.update(clear_metrics(cohort, replies, round_))
+                metrics = clear_metrics(cohort, replies, round_, self.task.count_buckets(cohort.labels))
+            entry.update(self.task.report(metrics, cohort.labels))
         line["bytes_up"] += self.bytes_up - before[0]
         line["bytes_down"] += self.bytes_down - before[1]
 
@@ -433,13 +436,14 @@ class Coordinator:
             "engine": self.cfg.federation.engine,
             "seed": self.cfg.seed,
             "model": self.cfg.model.source,
+            "task": self.cfg.task.kind,
             "lora_mode": self.cfg.lora.mode,
             "wire_dtype": self.cfg.federation.wire_dtype,
             "partition": partition_summary(self.cfg),
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "wall_seconds": time.perf_counter() - start,
-            "cohorts": {c.name: cohort_summary(c, initial, last) for c in self.cohorts.values()},
+            "cohorts": {c.name: cohort_summary(c, initial, last, self.task.extra_metrics) for c in self.cohorts.values()},
         }
         summary["privacy"] = privacy_summary(self.cfg.privacy, self.client_dp, self.ledger, self.cohorts)
         with_warnings(summary, dp=self.cfg.privacy.dp)

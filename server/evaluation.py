@@ -29,19 +29,20 @@ def kept_at_sites(cohort: Cohort, replies: dict[int, Message], round_: int) -> l
     return [site for _, site, r in ok_replies(cohort, replies, round_, "evaluate") if EvalKept.record in r.content]
 
 
-def clear_metrics(cohort: Cohort, replies: dict[int, Message], round_: int) -> dict[str, Any]:
-    """Example-weighted eval loss and accuracy over the sites' own metrics, the summed label
-    counts (majority baseline) and the sites' evaluation seconds. Sites that kept their metrics
-    are listed (``eval_kept_by``); a malformed reply is left out and logged."""
-    losses, accs, seconds, counts = [], [], [], np.zeros(len(cohort.labels), dtype=np.int64)
+def clear_metrics(cohort: Cohort, replies: dict[int, Message], round_: int, buckets: int) -> dict[str, Any]:
+    """Example-weighted eval loss and accuracy over the sites' own metrics, the summed counts
+    (``buckets`` of them, the task's ``count_buckets``: per label, the majority baseline) and the
+    sites' evaluation seconds. Sites that kept their metrics are listed (``eval_kept_by``); a
+    malformed reply is left out and logged."""
+    losses, accs, seconds, counts = [], [], [], np.zeros(buckets, dtype=np.int64)
     kept = kept_at_sites(cohort, replies, round_)
     for _, site, reply in ok_replies(cohort, replies, round_, "evaluate"):
         if site in kept:
             continue
         try:
             m = read(EvalMetrics, reply.content, "evaluate")
-            if len(m.label_counts) != len(cohort.labels) or min(m.label_counts, default=0) < 0 or not np.isfinite(m.eval_loss):
-                raise FedloraError(f"label counts {list(m.label_counts)[:8]} for {len(cohort.labels)} labels, loss {m.eval_loss}")
+            if len(m.label_counts) != buckets or min(m.label_counts, default=0) < 0 or not np.isfinite(m.eval_loss):
+                raise FedloraError(f"label counts {list(m.label_counts)[:8]} for {buckets} buckets, loss {m.eval_loss}")
         except FedloraError as e:
             log.warning("round %d: left out the eval metrics of site %s: %s", round_, site, e)
             continue

@@ -13,13 +13,17 @@ from .client_dp import ClientLevelDp
 from .cohort import Cohort
 
 
-def cohort_summary(cohort: Cohort, initial: Mapping[str, Any], last: Mapping[str, Any]) -> dict[str, Any]:
-    """A cohort's sites, labels, final metrics (from the last metrics line), initial accuracy,
-    adapter folder and whether it was aggregated securely."""
-    end = last["cohorts"][cohort.name]
-    return {"sites": sorted(cohort.nodes.values()), "labels": cohort.labels, "accuracy": end["accuracy"], "eval_loss": end["eval_loss"],
-            "majority_baseline": end["majority_baseline"], "initial_accuracy": initial["cohorts"][cohort.name]["accuracy"],
-            "train_loss": end.get("train_loss"), "adapter": f"adapters/{cohort.name}", "secure_aggregation": cohort.secure}
+def cohort_summary(cohort: Cohort, initial: Mapping[str, Any], last: Mapping[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A cohort's sites, labels, final metrics (from the last metrics line; ``extra``: the task's own
+    fields, e.g. perplexity, with their initial values), initial accuracy, adapter folder and
+    whether it was aggregated securely."""
+    end, start = last["cohorts"][cohort.name], initial["cohorts"][cohort.name]
+    out = {"sites": sorted(cohort.nodes.values()), "labels": cohort.labels, "accuracy": end["accuracy"], "eval_loss": end["eval_loss"],
+           "majority_baseline": end["majority_baseline"], "initial_accuracy": start["accuracy"],
+           "train_loss": end.get("train_loss"), "adapter": f"adapters/{cohort.name}", "secure_aggregation": cohort.secure}
+    for k in extra:
+        out[k], out[f"initial_{k}"] = end.get(k), start.get(k)
+    return out
 
 
 def partition_summary(cfg: RunConfig) -> dict[str, Any] | None:

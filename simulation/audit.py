@@ -58,7 +58,7 @@ from fedlora.privacy.accounting import Mechanism, calibrate_noise, epsilon
 from fedlora.privacy.audit import one_run_audit
 from fedlora.privacy.events import DpSgdEvent
 from fedlora.privacy.randomness import RoundSeeds, secret_seed
-from fedlora.task import EncodedExamples
+from fedlora.tasks import EncodedExamples, LabelledTexts
 
 from .demo_data import LABELS, generate_site
 
@@ -109,7 +109,7 @@ def _site_data(runtime: LoraRuntime, s: AuditSettings) -> tuple[EncodedExamples,
         return EncodedExamples(input_ids=[], labels=np.zeros(0, dtype=np.int64)), len(labels)
     df = generate_site("finance", 0, 1, seed=s.seed, examples_per_site=max(s.examples, 20))[: s.examples]
     y = np.array([labels.index(v) for v in df["label"]], dtype=np.int64)
-    return runtime.task.encode(runtime.tokenizer, df["text"].tolist(), y, runtime.spec.max_length), len(labels)
+    return runtime.task.encode(runtime.tokenizer, LabelledTexts(tuple(df["text"]), y), labels, runtime.spec.max_length), len(labels)
 
 
 def make_canaries(runtime: LoraRuntime, count: int, words: int, first_label: int, rng: np.random.Generator) -> EncodedExamples:
@@ -120,7 +120,7 @@ def make_canaries(runtime: LoraRuntime, count: int, words: int, first_label: int
         raise ValueError(f"the tokenizer has only {len(vocab)} plain words; need {words} per canary")
     texts = [" ".join(vocab[i] for i in rng.choice(len(vocab), size=words, replace=False)) for _ in range(count)]
     labels = np.arange(first_label, first_label + count, dtype=np.int64)
-    return runtime.task.encode(runtime.tokenizer, texts, labels, runtime.spec.max_length)
+    return runtime.task.encode(runtime.tokenizer, LabelledTexts(tuple(texts), labels), [], runtime.spec.max_length)
 
 
 def _concat(a: EncodedExamples, b: EncodedExamples, keep: np.ndarray) -> EncodedExamples:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from fedlora.client.app import make_client_app
-from fedlora.client.data import load_labelled_texts, read_group_column, split_train_eval
+from fedlora.client.data import read_group_column, split_train_eval
+from fedlora.tasks import SiteColumns, get_task
 from fedlora.client.site import SiteSpec
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FederationError, RunInterrupted
@@ -57,16 +58,22 @@ def plan_sites(cfg: RunConfig) -> Plan:
     groups: dict[str, str] = {}
     counts: dict[str, int] = {}
     part_cfg = cfg.partition
+    task = get_task(cfg.task.kind)
     for c in cfg.cohorts:
         if c.data:
-            data, label_list = load_labelled_texts(c.data, c.text_column, c.label_column, c.labels or None)
+            columns = SiteColumns(c.text_column, c.label_column, c.prompt_column, c.response_column, c.messages_column)
+            data, label_list = task.read(c.data, columns, c.labels or None)
+            if not label_list and part_cfg.kind in ("dirichlet", "pathological"):
+                raise ConfigError("partition.kind", part_cfg.kind, f"splits by class, but cohort {c.name}'s data ({c.data}) has "
+                                  "prompts and responses, no classes; use iid, size or column")
             values = read_group_column(c.data, part_cfg.by) if part_cfg.kind == "column" else None
             parts = partition_rows(data.labels, c.sites, part_cfg, derive_seed(cfg.seed, "partition", c.name), groups=values,
                                    where=f"cohort {c.name} ({c.data})")
             for i, rows in enumerate(parts):
                 name = f"{c.name}-{i + 1}"
                 split_train_eval(data.subset(rows), cfg.train.eval_fraction, cfg.seed, name)
-                sites.append(SiteSpec(name, c.name, str(Path(c.data).resolve()), c.text_column, c.label_column, tuple(rows.tolist())))
+                sites.append(SiteSpec(name, c.name, str(Path(c.data).resolve()), c.text_column, c.label_column, c.prompt_column,
+                                      c.response_column, c.messages_column, tuple(rows.tolist())))
                 if values is not None:
                     groups[name] = values[int(rows[0])]
             counts[c.name] = len(parts)
@@ -141,10 +148,10 @@ def sites_table(cfg: RunConfig, plan: Plan, sites: list[SiteSpec]) -> dict[str, 
     out = []
     for s in sites:
         labels = plan.labels[s.cohort]
-        data, _ = load_labelled_texts(s.data_path, s.text_column, s.label_column, labels)
+        data, _ = get_task(cfg.task.kind).read(s.data_path, s.columns, labels or None)
         demo = s.cohort in plan.demo_cohorts
         ids = data.labels if demo or not s.rows else data.labels[list(s.rows)]
-        hist = np.bincount(ids, minlength=len(labels))
+        hist = np.bincount(ids, minlength=len(labels)) if labels else []
         entry: dict[str, Any] = {"name": s.name, "cohort": s.cohort, "data": s.data_path, "num_rows": int(len(ids)),
                                  "labels": {lab: int(n) for lab, n in zip(labels, hist)},
                                  "partition": "demo" if demo else cfg.partition.kind}
@@ -214,7 +221,7 @@ def _run(cfg: RunConfig, plan: Plan, run_dir: RunDir, sites: list[SiteSpec], che
                               f"(partial results in {run_dir.path})")
     kept = site_metrics.read_kept(s.state_dir for s in sites if s.state_dir)
     if kept:  # DP sites kept their eval metrics: the harness (which runs every site) reads them back
-        result = with_warnings(site_metrics.fill_summary(result, kept), dp=True)
+        result = with_warnings(site_metrics.fill_summary(result, kept, get_task(cfg.task.kind)), dp=True)
         run_dir.write_json("summary.json", result)
     log.info("run finished in %.1f s: %s", time.perf_counter() - started, run_dir.path)
     return run_dir.path, result

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fedlora.tasks import Task
+
 SOURCE = "sites' own records (simulation harness; not released to the coordinator)"
 
 
@@ -45,16 +47,21 @@ def read_kept(state_dirs: Iterable[str | Path]) -> dict[str, dict[int, dict[str,
     return out
 
 
-def fill_summary(summary: dict[str, Any], kept: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[str, Any]:
-    """The summary with each cohort's missing final/initial metrics taken from the sites' records."""
+def fill_summary(summary: dict[str, Any], kept: Mapping[str, Mapping[int, Mapping[str, Any]]], task: Task | None = None) -> dict[str, Any]:
+    """The summary with each cohort's missing final/initial metrics taken from the sites' records
+    (read as ``task`` reports them: ``Task.report`` and its ``extra_metrics``)."""
     for cohort, entry in summary.get("cohorts", {}).items():
         rounds = kept.get(cohort)
         if not rounds or entry.get("accuracy") is not None:
             continue
-        last = rounds[max(rounds)]
-        entry.update({k: last[k] for k in ("accuracy", "eval_loss", "majority_baseline")})
-        if 0 in rounds:
-            entry["initial_accuracy"] = rounds[0]["accuracy"]
+        labels = entry.get("labels", [])
+        shown = {r: (task.report(dict(v), labels) if task is not None else dict(v)) for r, v in sorted(rounds.items())}
+        last = shown[max(shown)]
+        extra = task.extra_metrics if task is not None else ()
+        entry.update({k: last.get(k) for k in ("accuracy", "eval_loss", "majority_baseline", *extra)})
+        if 0 in shown:
+            entry["initial_accuracy"] = shown[0]["accuracy"]
+            entry.update({f"initial_{k}": shown[0].get(k) for k in extra})
         entry["metrics_source"] = SOURCE
-        entry["metrics_by_round"] = {str(r): dict(v) for r, v in sorted(rounds.items())}
+        entry["metrics_by_round"] = {str(r): v for r, v in shown.items()}
     return summary

@@ -47,6 +47,28 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer SmolLM2: the packaged decoder (GGUF, dequantised by transformers) cut to its first
+    two layers, with its pretrained (tied) embeddings, final norm and chat-template tokenizer, saved
+    as a plain checkpoint folder. No download; about 20 s once per session."""
+    import torch
+    import transformers
+
+    from fedlora.model import PACKAGED_DECODER, model_files
+
+    transformers.logging.set_verbosity_error()
+    out = tmp_path_factory.mktemp("tiny-smollm2")
+    path, gguf = model_files(PACKAGED_DECODER)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf, dtype=torch.float32, num_hidden_layers=2)
+    model.hf_quantizer = None  # a GGUF-loaded model keeps its quantizer; a plain checkpoint has none
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf).save_pretrained(out)
+    return out
+
+
 def tiny_config(model: Path, out: Path, **over: object) -> object:
     """A fast run: tiny model, 2 cohorts of 2 demo sites, 2 rounds, no DP unless asked for."""
     data = {

@@ -14,6 +14,7 @@ from fedlora.model import ModelSpec, get_runtime
 from fedlora.privacy.accounting import Mechanism, epsilon
 from fedlora.privacy.randomness import RoundSeeds
 from fedlora.simulation.demo_data import LABELS, generate_site
+from fedlora.tasks import LabelledTexts
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def site(tiny_model: Path):
     rt = get_runtime(spec, "cpu")
     df = generate_site("finance", 0, 1, seed=0, examples_per_site=64)
     y = np.array([LABELS["finance"].index(v) for v in df["label"]])
-    return rt, rt.task.encode(rt.tokenizer, df["text"].tolist(), y, 32), rt.initial_adapter(0, "finance", 3)
+    return rt, rt.task.encode(rt.tokenizer, LabelledTexts(tuple(df["text"]), y), LABELS["finance"], 32), rt.initial_adapter(0, "finance", 3)
 
 
 def _sgd(lr: float, steps: int = 1) -> LocalTrainSettings:
