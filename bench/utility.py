@@ -157,11 +157,17 @@ def main() -> int:
         eps = f"{r['max_epsilon']:.2f}" if r["max_epsilon"] is not None else "-"
         print(f"| {r['set']} | {r['config']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['majority']:.3f} | {eps} | "
               f"{r['wall_s']:.0f} | {r['peak_rss_gb']:.2f} | {r['bytes'] / 1e6:.1f} |")
-    out = Path(args.json) if args.json else ROOT / "bench" / "results" / "utility.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k in ("sets", "rows", "sites", "rounds", "seed", "override")},
-                               "results": results}, indent=1) + "\n", encoding="utf-8")
+    save_results(args, ("sets", "rows", "sites", "rounds", "seed", "override"), results, "utility.json")
     return 0
+
+
+def save_results(args: argparse.Namespace, keys: tuple[str, ...], results: list[dict], default: str) -> Path:
+    """Write ``{"args": the named args, "results": ...}`` to ``--json`` or ``bench/results/<default>``."""
+    out = Path(args.json) if args.json else ROOT / "bench" / "results" / default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k in keys}, "results": results}, indent=1) + "\n",
+                   encoding="utf-8")
+    return out
 
 
 if __name__ == "__main__":

@@ -52,8 +52,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="what the classification head reads (default auto: the model's own pooling config, else mean for "
                         "encoders and the last token for decoders)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--task", dest="task_kind", choices=["sequence_classification", "causal_lm"],
-                   help="sequence_classification (default) or causal_lm (instruction tuning of a decoder)")
+    p.add_argument("--task", dest="task_kind", metavar="KIND",
+                   help="a task of fedlora.tasks: sequence_classification (default) or causal_lm (instruction tuning of a decoder)")
     p.add_argument("--model", dest="model_source", help="local HF checkpoint folder (default: the packaged all-MiniLM-L6-v2; "
                                                         "with --task causal_lm packaged:SmolLM2-135M-Instruct)")
     p.add_argument("--target-modules", help="LoRA targets: auto (default), all-linear, or module names (comma separated)")

@@ -304,6 +304,9 @@ class RunConfig:
             _require(STRATEGIES[self.federation.strategy], "federation.strategy", self.federation.strategy,
                      "needs every site's update individually, which secure aggregation never reveals; use a linear strategy "
                      "(fedavg) or set secure_aggregation.enabled = false")
+        _require(not (self.train.gradient_checkpointing and self.privacy.dp), "train.gradient_checkpointing", True,
+                 "cannot be combined with DP-SGD: Opacus's per-example gradient hooks would see every checkpointed layer twice "
+                 "(recomputed in backward); turn one of them off")
         if self.privacy.client_dp and self.privacy.client_noise == "sites":
             _require(self.secure_aggregation.enabled, "privacy.client_noise", "sites",
                      "needs secure aggregation: in the clear the coordinator sees each update with only its own share of the "

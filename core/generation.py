@@ -57,7 +57,7 @@ def load_generator(adapter_dir: str | Path, base_model: str | None = None) -> Ex
     import transformers
     from peft import PeftModel
 
-    from .model import model_files
+    from .model import model_files, quiet_progress
 
     d = Path(adapter_dir)
     meta_path = d / "fedlora.json"
@@ -70,9 +70,10 @@ def load_generator(adapter_dir: str | Path, base_model: str | None = None) -> Ex
     path, gguf = model_files(base_model or meta["base_model"])
     extra = {"gguf_file": gguf} if gguf else {}
     transformers.logging.set_verbosity_error()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **extra)
+    with quiet_progress():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **extra)
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **extra)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    base = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, **extra)
     model = PeftModel.from_pretrained(base, str(d)).eval()
     return ExportedGenerator(model=model, tokenizer=tokenizer, labels=list(meta.get("labels") or []))

@@ -23,8 +23,10 @@ site rebuilds the same A from that seed and only B and the head are trained and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import os
 import importlib.util
 import json
 import re
@@ -222,6 +224,20 @@ def _generator(seed: int, *parts: object) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(derive_seed(seed, *parts))
 
 
+@contextlib.contextmanager
+def quiet_progress():
+    """No tqdm bars while the base model loads (``TQDM_DISABLE``, read by every bar created meanwhile)."""
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
 def _silence_transformers() -> None:
     import transformers
 
@@ -249,8 +265,9 @@ class LoraRuntime:
         extra = {"gguf_file": self.gguf_file} if self.gguf_file else {}
         load = base_load_options(spec, device, compute_dtype)
         try:
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path), **extra)
-            body = self.task.load_base(self.path, **load, **extra)
+            with quiet_progress():  # transformers' GGUF dequantisation prints its own progress bar
+                self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(self.path), **extra)
+                body = self.task.load_base(self.path, **load, **extra)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load the base model from {self.path}: {e}") from None
         if self.tokenizer.pad_token_id is None:

@@ -80,14 +80,20 @@ def tiny_config(model: Path, out: Path, **over: object) -> object:
         "demo": {"examples_per_site": 40},
         "cohorts": {"finance": {"sites": 2}, "medical": {"sites": 2}},
     }
+    set_keys(data, over)
+    data.setdefault("privacy", {}).setdefault("dp", False)  # DP-SGD only where a test asks for it
+    return config_from_dict(data)
+
+
+def set_keys(data: dict, over: dict) -> dict:
+    """``data`` with ``section__key=value`` overrides set in place (``train__rounds=3``)."""
     for dotted, value in over.items():
         node = data
         parts = dotted.split("__")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value
-    data.setdefault("privacy", {}).setdefault("dp", False)  # DP-SGD only where a test asks for it
-    return config_from_dict(data)
+    return data
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import set_keys
 
 from fedlora.config import config_from_dict
 from fedlora.errors import DataError
@@ -127,17 +128,12 @@ def _decoder_config(model: Path, out: Path, **over):
             "model": {"source": str(model), "max_length": 48},
             "train": {"rounds": 2, "local_epochs": 0.0, "local_steps": 4, "batch_size": 8},
             "demo": {"examples_per_site": 32}, "cohorts": {"finance": {"sites": 3}}}
-    for dotted, value in over.items():
-        node = data
-        parts = dotted.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return config_from_dict(data)
+    return config_from_dict(set_keys(data, over))
 
 
 def test_clear_federation_lowers_the_answer_loss_and_exports_a_peft_adapter(tiny_decoder: Path, tmp_path: Path) -> None:
     from peft import PeftModel
+    from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
 
     from fedlora.simulation.runner import simulate
@@ -155,17 +151,24 @@ def test_clear_federation_lowers_the_answer_loss_and_exports_a_peft_adapter(tiny
     assert meta["task"] == "causal_lm" and meta["labels"] == ["negative", "neutral", "positive"]
     assert not (adapter / "head.safetensors").exists()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_decoder)), str(adapter)).eval()
-    from fedlora.model import LoraRuntime
-
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # the exported adapter carries the trained B
+    # plain PEFT reproduces fedlora's own answer loss on one example (same model, same adapter)
     rt = get_runtime(ModelSpec.from_config(cfg), "cpu")
-    rt.load_adapter(rt.initial_adapter(0, "x", 3), 0, "x", 3)  # any other adapter in the shared runtime
-    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    enc = rt.task.encode(rt.tokenizer, _texts(), LABELS, 48)
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    rt.load_adapter(state, cfg.seed, "finance", 3)
+    rt.model.eval()
+    ids = torch.tensor([enc.input_ids[0]])
+    labels = ids.clone()
+    labels[0, : enc.prompt_lengths[0]] = -100
     with torch.no_grad():
-        lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-        assert any(float(p.abs().sum()) > 0 for p in lora_b)  # the exported adapter carries the trained B
-        out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == 8
-    assert isinstance(rt, LoraRuntime)
+        ours = float(rt.model(input_ids=ids, labels=labels).loss)
+        theirs = float(model(input_ids=ids, labels=labels).loss)
+        out = model.generate(input_ids=ids[:, : enc.prompt_lengths[0]], max_new_tokens=3, do_sample=False)
+    rt.model.train()
+    assert theirs == pytest.approx(ours, rel=1e-5)
+    assert out.shape[1] == enc.prompt_lengths[0] + 3 or int(out[0, -1]) == rt.tokenizer.eos_token_id
 
 
 def test_dp_and_secure_aggregation_on_the_causal_lm_task_then_generate(tiny_decoder: Path, tmp_path: Path, capsys) -> None:
@@ -208,3 +211,27 @@ def test_prompt_response_data_reports_perplexity_without_accuracy(tiny_decoder: 
         plan_sites(_decoder_config(tiny_decoder, tmp_path / "r2", partition={"kind": "dirichlet"},
                                    cohorts={"finance": {"sites": 2, "data": str(path), "prompt_column": "question",
                                                         "response_column": "answer"}}))
+
+
+def test_dp_sgd_on_decoder_lora_clips_per_example_and_ghost_matches_hooks(runtime) -> None:
+    """Opacus on the decoder's LoRA (hooks and ghost clipping): full batch, no noise, SGD lr 1, so the
+    step is the mean of clipped per-example gradients (norm <= C) and both modes give the same step."""
+    from fedlora.client.dp_trainer import DpSgdSettings, train_local_dp
+    from fedlora.client.trainer import LocalTrainSettings
+    from fedlora.privacy.randomness import RoundSeeds
+
+    texts = LabelledTexts(tuple(f"Quarterly sales rose {i} percent." for i in range(6)), np.array([2, 1, 0, 2, 1, 0]))
+    enc = runtime.task.encode(runtime.tokenizer, texts, LABELS, 48)
+    state = runtime.initial_adapter(0, "finance", 3)
+    settings = LocalTrainSettings(local_steps=1, local_epochs=0.0, batch_size=6, optimizer="sgd", learning_rate=1.0,
+                                  weight_decay=0.0, max_grad_norm=0.0)
+    dp = DpSgdSettings(noise_multiplier=0.0, max_grad_norm=1e-3, sample_rate=1.0)
+    deltas = {}
+    for mode in ("hooks", "ghost"):
+        res, _ = train_local_dp(runtime, state, enc, settings, dp, seed=0, site="bank-1", cohort="finance", num_labels=3,
+                                round_=1, seeds=RoundSeeds.reproducible(0, "bank-1", 1), grad_sample_mode=mode)
+        norm = float(np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2) for v in res.delta.values())))
+        assert 0 < norm <= 1e-3 * (1 + 1e-4)
+        deltas[mode] = res.delta
+    for k in deltas["hooks"]:
+        np.testing.assert_allclose(deltas["ghost"][k], deltas["hooks"][k], rtol=1e-3, atol=1e-8)

@@ -48,7 +48,7 @@ from .base import EncodedExamples, EvalResult, LabelledTexts, SiteColumns, Turns
 from .classification import default_targets
 
 INSTRUCTION = "{text}\n\nAnswer with one of: {choices}."
-MAX_ANSWER_TOKENS = 8  # greedy decoding length for generative accuracy (at least the longest label + 1)
+ANSWER_TOKENS = 16  # greedy decoding length for generative accuracy (room for an untrained model to name a label)
 IGNORE = -100
 
 
@@ -275,7 +275,6 @@ class CausalLM:
         n = len(examples)
         total, capped, correct = 0.0, 0.0, 0
         start_time = time.perf_counter()
-        answer_len = max([len(runtime.tokenizer(lab, add_special_tokens=False)["input_ids"]) for lab in labels] or [0]) + 1
         for start in range(0, n, batch_size):
             index = np.arange(start, min(start + batch_size, n))
             batch = self.batch(examples, index, pad, runtime.device)
@@ -285,7 +284,7 @@ class CausalLM:
             capped += capped_sum(per_example)
             if labels:
                 prompts = [examples.input_ids[i][: examples.prompt_lengths[i]] for i in index]
-                answers = self.generate(runtime, prompts, min(MAX_ANSWER_TOKENS, answer_len + 1))
+                answers = self.generate(runtime, prompts, ANSWER_TOKENS)
                 truth = examples.labels[index]
                 correct += sum(int(predicted_label(a, labels) == int(t)) for a, t in zip(answers, truth))
         counts = np.bincount(examples.labels, minlength=len(labels)).tolist() if labels else [n]
