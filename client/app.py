@@ -176,7 +176,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         if setup is not None:  # the update stays here, masked, until stage 3
             vector = secagg_site.train_vector(setup, delta, result.num_examples, 0.0 if loss is None else loss,
                                               weight=1.0 if ask.client_dp else None, unclipped=int(unclipped or 0))
-            content = secagg_site.begin(ctx, setup, vector)
+            content = secagg_site.begin(ctx, setup, vector, sum_of=secagg_site.SumOf(site.cohort, plan.round, "train"),
+                                        state_dir=site.state_dir)
         else:
             update, _ = to_record(delta, plan.wire_dtype)
             metrics = TrainMetrics(num_examples=result.num_examples, steps=result.steps, train_loss=loss,
@@ -208,7 +209,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         if setup is not None:  # the metrics stay here, masked, until stage 3
             vector = (eval_release.integer_vector(values, secagg_site.EVAL_LOSS_SCALE) if mode == "noised"
                       else secagg_site.metrics_vector(res.loss, res.accuracy, res.num_examples, list(res.label_counts)))
-            content = secagg_site.begin(ctx, setup, vector)
+            content = secagg_site.begin(ctx, setup, vector, sum_of=secagg_site.SumOf(site.cohort, plan.round, "evaluate"),
+                                        state_dir=site.state_dir)
         else:
             content = RecordDict({EvalMetrics.record: record_of(EvalMetrics(eval_loss=loss, accuracy=accuracy, num_examples=n,
                                                                              label_counts=tuple(counts), eval_seconds=seconds))})

@@ -6,25 +6,135 @@ update (``train_vector``) or its metrics (``eval_vector``) into the integers it 
 (record ``fedlora.secagg``; nothing secret leaves the site), and replies with its two public
 keys instead of the update or the metrics. ``<kind>.secagg_share``, ``<kind>.secagg_masked``
 and ``<kind>.secagg_unmask`` carry stages 2-4.
+
+Against an active coordinator every refusal below is a ``FedloraError`` naming the problem,
+raised before anything is revealed (no keys, no shares, no masked vector):
+
+* stage 1: the group and threshold (``fedlora.privacy.secagg.check_parameters``);
+* stage 2: the relayed keys (``SecAggSite.check_relayed``), a peer named twice;
+* stage 3: fewer than t - 1 neighbours' shares (``SecAggSite.masked_input``);
+* replay (stages 1 and 3): a site sends at most one masked input per secure sum. It keeps,
+  in its node state (record ``fedlora.secagg.sent``), the round ids and the ``(cohort,
+  round, kind)`` it has sent a masked input for, and refuses a second sum for either, so two
+  sums over different survivors never difference out its vector; and it never masks the
+  same train vector twice (its SHA-256, kept also in ``<state_dir>/secagg_sent.json`` so
+  that a new run, whose node state starts empty, cannot replay the DP release cache's
+  update into a second sum). ``train`` and ``evaluate`` of one round are two sums (the kind
+  differs). A coordinator that restarts and re-asks a round whose masked input this site
+  already sent is refused; one whose masked input it never sent gets an answer.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedlora.errors import FedloraError
+from fedlora.files import write_text_atomic
 from fedlora.privacy.quantization import Quantizer
-from fedlora.privacy.secagg import SecAggAbort, SecAggSite, UnmaskRefused, site_from_json, site_to_json
+from fedlora.privacy.secagg import SecAggAbort, SecAggSite, UnmaskRefused, check_parameters, site_from_json, site_to_json
 from fedlora.privacy.secagg_vector import EVAL_LOSS_SCALE, eval_vector, site_vector, site_weight
 from fedlora.protocol import MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, read, record_of
 
 STATE_KEY = "fedlora.secagg"
+SENT_KEY = "fedlora.secagg.sent"
+SENT_FILE = "secagg_sent.json"
 MASKED_STYPE = "fedlora.masked"
+KINDS = ("train", "evaluate")
+
+
+@dataclass(frozen=True)
+class SumOf:
+    """What a secure sum is for, as the site itself knows it: its own cohort, the round the
+    plan names, and the kind of the handler that was called (``train`` or ``evaluate``),
+    not anything the coordinator writes into ``SecAggSetup.round_id``."""
+
+    cohort: str
+    round: int
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise FedloraError(f"secure aggregation: a sum of kind {self.kind!r}, not one of {KINDS}")
+
+    def key(self) -> str:
+        return json.dumps([self.cohort, int(self.round), self.kind])
+
+
+def vector_digest(vector: np.ndarray) -> str:
+    """SHA-256 of a vector to mask (its dtype and bytes): the same update, recognised."""
+    v = np.ascontiguousarray(vector)
+    return hashlib.sha256(v.dtype.str.encode() + b"\0" + v.tobytes()).hexdigest()
+
+
+@dataclass
+class SentSums:
+    """The secure sums this site has sent a masked input to: round ids and sums (this run's
+    node state) and train-vector digests (also ``<state_dir>/secagg_sent.json``, all runs)."""
+
+    round_ids: set[str] = field(default_factory=set)
+    sums: set[str] = field(default_factory=set)
+    digests: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, ctx: Context, state_dir: str | Path | None) -> "SentSums":
+        doc = json.loads(str(ctx.state[SENT_KEY]["doc"])) if SENT_KEY in ctx.state else {}
+        out = cls(set(doc.get("round_ids", [])), set(doc.get("sums", [])), set(doc.get("digests", [])))
+        path = _sent_file(state_dir)
+        if path is not None and path.is_file():
+            out.digests |= set(json.loads(path.read_text(encoding="utf-8")).get("digests", []))
+        return out
+
+    def problem(self, round_id: str, sum_of: SumOf | None, digest: str | None) -> str:
+        """Why a masked input for this sum must not be sent ('' if it may)."""
+        if round_id in self.round_ids:
+            return f"this site already sent a masked input for round id {round_id!r}; a second sum would difference it out"
+        if sum_of is not None and sum_of.key() in self.sums:
+            return (f"this site already sent a masked input for cohort {sum_of.cohort!r} round {sum_of.round} ({sum_of.kind}); "
+                    f"refusing a second one under round id {round_id!r}")
+        if digest is not None and digest in self.digests:
+            return (f"this site already sent exactly this update (sha256 {digest[:16]}...) into a secure sum; refusing it into a "
+                    f"second one (round id {round_id!r})")
+        return ""
+
+    def add(self, round_id: str, sum_of: SumOf | None, digest: str | None) -> None:
+        self.round_ids.add(round_id)
+        if sum_of is not None:
+            self.sums.add(sum_of.key())
+        if digest is not None:
+            self.digests.add(digest)
+
+    def save(self, ctx: Context, state_dir: str | Path | None) -> None:
+        doc = {"round_ids": sorted(self.round_ids), "sums": sorted(self.sums), "digests": sorted(self.digests)}
+        ctx.state[SENT_KEY] = ConfigRecord({"doc": json.dumps(doc)})
+        path = _sent_file(state_dir)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps({"digests": doc["digests"]}))
+
+
+def _sent_file(state_dir: str | Path | None) -> Path | None:
+    return Path(state_dir) / SENT_FILE if state_dir else None
+
+
+def _refuse_replay(ctx: Context, state_dir: str | Path | None, round_id: str, sum_of: SumOf | None, digest: str | None) -> None:
+    why = SentSums.load(ctx, state_dir).problem(round_id, sum_of, digest)
+    if why:
+        raise FedloraError(f"secure aggregation: {why}")
+
+
+def _unique(peers: Sequence[int], what: str) -> None:
+    repeated = sorted({p for p in peers if list(peers).count(p) > 1})
+    if repeated:
+        raise FedloraError(f"secure aggregation: the {what} names peers {repeated} more than once")
 
 
 def quantizer(setup: SecAggSetup) -> Quantizer:
@@ -47,20 +157,31 @@ def metrics_vector(loss: float, accuracy: float, examples: int, label_counts: li
     return eval_vector(loss, int(round(accuracy * examples)), examples, label_counts)
 
 
-def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray) -> RecordDict:
+def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray, *, sum_of: SumOf | None = None,
+          state_dir: str | Path | None = None) -> RecordDict:
     """Stage 1: keep the masked-to-be vector and fresh secrets; reply with the public keys.
     ``setup`` is the message's record ``secagg``: round id, this site's neighbours, threshold,
-    modulus bits."""
+    modulus bits. ``sum_of`` (what the site knows the sum is for) and ``state_dir`` (where the
+    site keeps its state across runs) arm the replay checks beyond the round id.
+
+    Refuses (``FedloraError``, nothing revealed) a group or threshold below the site's floor
+    (``check_parameters``) and a second sum this site already sent a masked input for (same
+    round id, same ``sum_of``, or, except for ``evaluate``, the same vector)."""
     node = int(ctx.node_id)
     peers = list(setup.neighbours)
-    if node in peers:
-        raise FedloraError(f"secure aggregation: this site (node {node}) is named among its own neighbours")
-    site = SecAggSite(node, peers, setup.threshold, setup.modulus_bits, setup.round_id)
+    try:
+        check_parameters(node, peers, int(setup.threshold))
+    except SecAggAbort as e:
+        raise FedloraError(f"secure aggregation: {e}") from None
     vector = np.asarray(vector)
     if vector.dtype.kind != "u":
         raise FedloraError(f"secure aggregation: the vector to mask must hold unsigned integers, got {vector.dtype}")
+    digest = None if sum_of is not None and sum_of.kind == "evaluate" else vector_digest(vector)
+    _refuse_replay(ctx, state_dir, setup.round_id, sum_of, digest)
+    site = SecAggSite(node, peers, setup.threshold, setup.modulus_bits, setup.round_id)
     ctx.state[STATE_KEY] = ConfigRecord({"site": site_to_json(site), "vector": vector.tobytes(), "dtype": vector.dtype.str,
-                                         "round_id": setup.round_id})
+                                         "round_id": setup.round_id, "sum_of": "" if sum_of is None else sum_of.key(),
+                                         "digest": digest or "", "state_dir": str(state_dir or "")})
     c_pk, s_pk = site.advertise()
     return RecordDict({SecAggKeys.record: record_of(SecAggKeys(c_pk=c_pk, s_pk=s_pk))})
 
@@ -75,8 +196,12 @@ def _load(ctx: Context, round_id: str) -> tuple[SecAggSite, ConfigRecord]:
 
 
 def _save(ctx: Context, site: SecAggSite, rec: ConfigRecord) -> None:
-    ctx.state[STATE_KEY] = ConfigRecord({"site": site_to_json(site), "vector": rec["vector"], "dtype": rec["dtype"],
-                                         "round_id": rec["round_id"]})
+    ctx.state[STATE_KEY] = ConfigRecord({**dict(rec), "site": site_to_json(site)})
+
+
+def _sum_of(rec: ConfigRecord) -> SumOf | None:
+    text = str(rec.get("sum_of", ""))
+    return SumOf(*json.loads(text)) if text else None
 
 
 def _protocol(fn):
@@ -94,6 +219,7 @@ def share(ctx: Context, content: RecordDict) -> RecordDict:
     """Stage 2: encrypted share pairs for the neighbours whose keys the coordinator relayed."""
     req = read(ShareAsk, content, "secagg_share")
     site, rec = _load(ctx, req.round_id)
+    _unique(req.peers, "relayed key list")
     keys = {p: (c, s) for p, c, s in zip(req.peers, req.c_pk, req.s_pk, strict=True)}
     boxes = site.share_keys(keys)
     _save(ctx, site, rec)
@@ -102,11 +228,22 @@ def share(ctx: Context, content: RecordDict) -> RecordDict:
 
 @_protocol
 def masked(ctx: Context, content: RecordDict) -> RecordDict:
-    """Stage 3: decrypt the neighbours' shares, send the masked vector in the smallest wire type."""
+    """Stage 3: decrypt the neighbours' shares, send the masked vector in the smallest wire type.
+    Refused (nothing sent) for a sum this site already sent a masked input for, and when fewer
+    than t - 1 neighbours' shares reached it (``SecAggSite.masked_input``). The sum is recorded
+    as sent (``SentSums``) before the vector leaves."""
     req = read(MaskedAsk, content, "secagg_masked")
     site, rec = _load(ctx, req.round_id)
+    state_dir, sum_of, digest = str(rec.get("state_dir", "")) or None, _sum_of(rec), str(rec.get("digest", "")) or None
+    sent = SentSums.load(ctx, state_dir)
+    why = sent.problem(req.round_id, sum_of, digest)
+    if why:
+        raise FedloraError(f"secure aggregation: {why}")
+    _unique(req.peers, "share list")
     site.receive_shares({p: b for p, b in zip(req.peers, req.ciphertexts, strict=True)})
     y = site.masked_input(np.frombuffer(rec["vector"], dtype=np.dtype(str(rec["dtype"]))))
+    sent.add(req.round_id, sum_of, digest)
+    sent.save(ctx, state_dir)
     _save(ctx, site, rec)
     wire = np.dtype(req.wire_dtype).newbyteorder("<")
     arr = Array(dtype=wire.name, shape=(len(y),), stype=MASKED_STYPE, data=y.astype(wire, copy=False).tobytes())

@@ -23,6 +23,17 @@ stage by stage, and the Flower glue carries them in Messages. Stages:
 
 Below t shares for any needed secret, or fewer than t survivors, the round aborts
 (``SecAggAbort``): no sum, and nothing more is revealed.
+
+Against an active coordinator (DESIGN.md section 7) a site also checks what it is sent:
+
+* parameters (``check_parameters``, before stage 1): k >= ``MIN_NEIGHBOURS`` distinct
+  neighbours, not itself, and ``threshold_floor(k) <= t <= k + 1``;
+* relayed keys (stage 2): only its neighbours', never its own node, never its own public
+  keys (a reflected key), no key twice (equal keys above and below it cancel its pairwise
+  masks), each a usable X25519 key;
+* stage 3 (Bonawitz et al. 2017, round 2: abort when ``|U_2| < t``): it masks only when the
+  neighbours whose shares reached it, plus itself, are at least t; otherwise a coordinator
+  that withholds the shares gets ``y = x + PRG(b)`` and then ``b`` from the neighbours.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +60,44 @@ class SecAggAbort(RuntimeError):
 
 class UnmaskRefused(RuntimeError):
     """A site refused an unmasking request that would reveal too much."""
+
+
+MIN_NEIGHBOURS = 2  # k: with one neighbour that neighbour's own input is all the "sum" hides a site behind
+MIN_THRESHOLD = 2  # t: one share must never open a secret
+
+
+def threshold_floor(k: int) -> int:
+    """The least threshold a site accepts in a group of k neighbours and itself: a strict
+    majority of the group, ``floor((k + 1) / 2) + 1``, and at least ``MIN_THRESHOLD``.
+
+    Why a majority: to unmask site v's input the coordinator needs t shares of ``b_v`` and t
+    shares of ``s_v``. Each of the k + 1 holders reveals at most one of the two per round (a
+    neighbour never both, ``UnmaskRefused``; v never its own ``s`` share), so even with split
+    views of who survived it gets both only if ``2 t <= k + 1``. With c colluding sites in the
+    group (they reveal both) the condition is ``2 t > k + 1 + c``: the coordinator's default
+    ``ceil(2 (k + 1) / 3)`` tolerates c < (k + 1) / 3; the floor here tolerates none beyond
+    what a consistency check (another layer) adds."""
+    return max(MIN_THRESHOLD, (k + 1) // 2 + 1)
+
+
+def check_parameters(node: int, peers: Sequence[int], threshold: int) -> None:
+    """Refuse (``SecAggAbort``) a group or threshold a coordinator could use to isolate this
+    site: itself or a repeat among its neighbours, fewer than ``MIN_NEIGHBOURS`` neighbours,
+    t below ``threshold_floor(k)`` or above the k + 1 shares of each secret."""
+    if node in peers:
+        raise SecAggAbort(f"site {node}: this site is named among its own neighbours {sorted(peers)}")
+    repeated = sorted({p for p in peers if list(peers).count(p) > 1})
+    if repeated:
+        raise SecAggAbort(f"site {node}: neighbours {repeated} are named more than once")
+    k = len(peers)
+    if k < MIN_NEIGHBOURS:
+        raise SecAggAbort(f"site {node}: k = {k} neighbour(s), below the minimum {MIN_NEIGHBOURS}: so small a group would "
+                          "isolate this site")
+    if threshold > k + 1:
+        raise SecAggAbort(f"site {node}: threshold t = {threshold} exceeds the k + 1 = {k + 1} shares of each secret")
+    if threshold < threshold_floor(k):
+        raise SecAggAbort(f"site {node}: threshold t = {threshold} is below this site's floor {threshold_floor(k)} for k = {k} "
+                          f"neighbours (a strict majority of its group of {k + 1}, at least {MIN_THRESHOLD})")
 
 
 def _kdf(secret: bytes, info: bytes) -> bytes:
@@ -109,9 +158,43 @@ class SecAggSite:
                            f"fedlora-secagg-channel|{self.round_id}".encode()))
 
     # stage 2
+    def check_relayed(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> None:
+        """Refuse (``SecAggAbort``) relayed keys that could make masks cancel or known: a
+        peer that is this site or not its neighbour, a key equal to one of this site's own,
+        a key relayed twice (for two peers, or as both keys of one), or a key that is no
+        usable X25519 point (small-order points give an all-zero exchange)."""
+        if self.node in public_keys:
+            raise SecAggAbort(f"site {self.node}: the relayed keys name this site itself among its peers")
+        strangers = sorted(set(public_keys) - set(self.peers))
+        if strangers:
+            raise SecAggAbort(f"site {self.node}: keys relayed for {strangers}, which are not among its neighbours "
+                              f"{sorted(self.peers)}")
+        own = dict(zip(self.advertise(), ("c", "s")))
+        seen: dict[bytes, tuple[int, str]] = {}
+        for peer in sorted(public_keys):
+            pair = tuple(public_keys[peer])
+            if len(pair) != 2:
+                raise SecAggAbort(f"site {self.node}: peer {peer} has {len(pair)} keys relayed, not 2 (c and s)")
+            for which, key, mine in zip(("c", "s"), pair, (self._c, self._s)):
+                key = bytes(key)
+                if key in own:
+                    raise SecAggAbort(f"site {self.node}: the {which} key relayed for peer {peer} is this site's own {own[key]} "
+                                      "public key (a reflected key would cancel its pairwise masks)")
+                if key in seen:
+                    raise SecAggAbort(f"site {self.node}: the {which} key relayed for peer {peer} repeats the {seen[key][1]} key "
+                                      f"of peer {seen[key][0]} (repeated keys would cancel its pairwise masks)")
+                seen[key] = (peer, which)
+                try:
+                    mine.exchange(X25519PublicKey.from_public_bytes(key))
+                except ValueError as e:
+                    raise SecAggAbort(f"site {self.node}: the {which} key relayed for peer {peer} is not a usable X25519 key: "
+                                      f"{e}") from None
+
     def share_keys(self, public_keys: Mapping[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Encrypted share pairs, one per neighbour whose keys arrived (others have dropped)."""
-        self._keys = {p: tuple(public_keys[p]) for p in self.peers if p in public_keys}  # type: ignore[misc]
+        """Encrypted share pairs, one per neighbour whose keys arrived (others have dropped);
+        the keys are checked first (``check_relayed``)."""
+        self.check_relayed(public_keys)
+        self._keys = {p: (bytes(public_keys[p][0]), bytes(public_keys[p][1])) for p in self.peers if p in public_keys}
         if len(self._keys) + 1 < self.threshold:  # its own share counts towards its self mask's t
             raise SecAggAbort(f"site {self.node}: only {len(self._keys)} neighbours advertised keys; with its own share that is "
                               f"fewer than the threshold {self.threshold}")
@@ -141,7 +224,16 @@ class SecAggSite:
 
     # stage 3
     def masked_input(self, values: np.ndarray) -> np.ndarray:
-        """``y_i`` over the neighbours that sent shares (they completed stage 2)."""
+        """``y_i`` over the neighbours that sent shares (they completed stage 2).
+
+        Rule (Bonawitz et al. 2017, round 2): the site continues only if at least t members of
+        its group completed stage 2, itself included, i.e. at least t - 1 neighbours' shares
+        reached it and authenticated; otherwise ``SecAggAbort`` and no vector (with fewer, too
+        few pairwise masks would cover its input once its self mask is opened)."""
+        shared = sorted(p for p in self._held if p != self.node)
+        if self.node not in self._held or len(shared) + 1 < self.threshold:
+            raise SecAggAbort(f"site {self.node}: shares from only {len(shared)} neighbour(s) {shared} reached it; with itself "
+                              f"that is fewer than the threshold t = {self.threshold}: refusing to send its masked input")
         m = self.modulus_bits
         y = np.array(values, dtype=masking.word(m))  # arithmetic modulo the word's 2^32 / 2^64, reduced once at the end
         masks = masking.MaskStream(len(y), m)
