@@ -102,10 +102,12 @@ class SecureAggregationConfig:
     """Secure aggregation (SecAgg+; ``fedlora.privacy.secagg``): the coordinator sees only each
     cohort's sum. Each site sends ``w (update, 1, train loss / 64)`` with ``w = min(1, n /
     weight_scale)`` for its n training examples, quantised to ``bits`` bits in ``[-clip_range,
-    clip_range]``; the coordinator divides the unmasked sums. Eval metrics are summed exactly
-    as integers (``metrics = "secure"``), sent per site (``"clear"``) or not asked for
-    (``"none"``). A stage whose replies have not all come within ``stage_timeout`` seconds goes
-    on without the late sites (dropped); below the threshold the round aborts.
+    clip_range]`` (``clip_range >= 1``: ``w`` and the loss term need ``[0, 1]``); the
+    coordinator divides the unmasked sums and checks that honest sites can produce them. Eval
+    metrics are summed exactly as integers (``metrics = "secure"``), sent per site
+    (``"clear"``) or not asked for (``"none"``). A stage whose replies have not all come within
+    ``stage_timeout`` seconds goes on without the late sites (dropped); below the threshold the
+    round aborts.
     ``neighbours`` / ``threshold`` 0 choose automatically (see ``fedlora.server.secure_round``)."""
 
     enabled: bool = True
@@ -127,4 +129,7 @@ class SecureAggregationConfig:
         for key in ("clip_range", "weight_scale", "stage_timeout"):
             v = getattr(self, key)
             require(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"secure_aggregation.{key}", v, "must be > 0")
+        require(self.clip_range >= 1, "secure_aggregation.clip_range", self.clip_range,
+                "must be >= 1: each site's weight w and its loss term w * loss / 64 lie in [0, 1] and are quantised within "
+                "[-clip_range, clip_range]; a smaller range clips them and biases the secure mean and train loss")
         one_of("secure_aggregation.metrics", self.metrics, ("secure", "clear", "none"))

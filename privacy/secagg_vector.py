@@ -24,12 +24,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlora.errors import FedloraError
+
 from .quantization import Quantizer
 
 INT_FIELDS = 3  # values clipped, sites, unclipped updates (client-level DP)
 LOSS_SCALE = 64.0  # train losses are capped at L and sent as loss / L
 EVAL_LOSS_SCALE = 1_000_000  # eval loss sums travel as fixed-point integers in millionths
 EVAL_MODULUS_BITS = 64
+
+
+class ForgedSum(FedloraError, ValueError):
+    """An unmasked sum breaks a bound that every sum of honest survivors keeps: some site sent
+    a forged vector. The message names the check and the values; nothing of the sum is used."""
+
+
+def train_length(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Entries of a site's train vector: the update's values, ``w``, the loss term, ``INT_FIELDS``."""
+    return sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values()) + 2 + INT_FIELDS
+
+
+def eval_length(buckets: int) -> int:
+    """Entries of a site's eval vector: loss, correct, examples and ``buckets`` counts."""
+    return 3 + buckets
 
 
 def site_weight(examples: int, weight_scale: float) -> float:
@@ -68,8 +85,52 @@ class AggregateSum:
     unclipped: int  # client-level DP: how many updates were within the clip norm
 
 
-def read_sum(total: np.ndarray, shapes: Mapping[str, tuple[int, ...]], q: Quantizer) -> AggregateSum:
-    """Divide the unmasked sums: weighted mean update, mean loss, clipped values, sites."""
+def check_sum(total: np.ndarray, survivors: int, q: Quantizer) -> None:
+    """Refuse (``ForgedSum``, naming the check and the values) an unmasked train sum that
+    ``survivors`` honest sites cannot produce. With ``n = survivors``, ``e = q.error_bound(n)``,
+    ``F`` float entries and ``W``, ``S`` the sums of ``w`` and ``w min(loss, L) / L``:
+
+    * sites counted ``== n`` (each site adds exactly 1);
+    * ``-e <= W <= n + e`` and ``W > 0`` (each ``w`` in ``[0, 1]``);
+    * ``-e <= S <= W + 2 e`` (each loss term in ``[0, w]``): a mean train loss in ``[0, L]``;
+    * values clipped ``<= n min(2^b - 1, F)``, unclipped updates ``<= n``;
+    * every quantised float entry ``<= n (2^b - 1)`` (each in ``[0, 2^b - 1]``)."""
+    total = np.asarray(total)
+    if total.ndim != 1 or len(total) < INT_FIELDS + 2:
+        raise ForgedSum(f"the unmasked sum has shape {total.shape}, not a vector of at least {INT_FIELDS + 2} entries")
+    n, top = int(survivors), 2**q.bits - 1
+    clipped, sites, unclipped = (int(x) for x in total[-INT_FIELDS:])
+    if sites != n:
+        raise ForgedSum(f"check 'sites counted': the unmasked sum counts {sites} site(s) but {n} survived (a forged contribution)")
+    floats = q.dequantize_sum(total[:-INT_FIELDS][-2:], n)
+    weight, loss_term, e = float(floats[0]), float(floats[1]), q.error_bound(n)
+    if not (weight > 0 and -e <= weight <= n + e):
+        raise ForgedSum(f"check 'total weight': the sum of the weights w is {weight:.6g}, outside (0, {n}] (+- {e:.2g}) for "
+                        f"{n} site(s) with w in [0, 1] each (a forged weight)")
+    if not -e <= loss_term <= weight + 2 * e:
+        raise ForgedSum(f"check 'mean train loss': the loss terms sum to {loss_term:.6g} for a total weight {weight:.6g}, a mean "
+                        f"loss of {loss_term / weight * LOSS_SCALE:.6g} outside [0, {LOSS_SCALE:g}] (a forged loss)")
+    values = len(total) - INT_FIELDS
+    if not 0 <= clipped <= n * min(top, values):
+        raise ForgedSum(f"check 'values clipped': the sum counts {clipped} clipped values, more than {n} site(s) x "
+                        f"{min(top, values)} (a forged count)")
+    if not 0 <= unclipped <= n:
+        raise ForgedSum(f"check 'unclipped updates': the sum counts {unclipped} unclipped updates for {n} site(s) (a forged clip bit)")
+    over = np.flatnonzero(total[:-INT_FIELDS] > n * top)
+    if over.size:
+        i = int(over[0])
+        raise ForgedSum(f"check 'value range': {over.size} quantised entries exceed {n} site(s) x {top} (entry {i} sums to "
+                        f"{int(total[i])}): a forged value outside the clip range")
+
+
+def read_sum(total: np.ndarray, shapes: Mapping[str, tuple[int, ...]], q: Quantizer, survivors: int | None = None) -> AggregateSum:
+    """Divide the unmasked sums: weighted mean update, mean loss (in ``[0, L]``), clipped
+    values, sites. With ``survivors`` the sum is first checked (``check_sum``) and must have
+    the layout of ``shapes`` (``ForgedSum`` otherwise)."""
+    if survivors is not None:
+        if len(total) != train_length(shapes):
+            raise ForgedSum(f"the unmasked sum has {len(total)} entries, the adapter's layout {train_length(shapes)}")
+        check_sum(total, survivors, q)
     ints = total[-INT_FIELDS:].astype(np.int64)
     sites = int(ints[1])
     floats = q.dequantize_sum(total[:-INT_FIELDS], sites)
@@ -81,7 +142,10 @@ def read_sum(total: np.ndarray, shapes: Mapping[str, tuple[int, ...]], q: Quanti
         size = int(np.prod(shapes[k], dtype=np.int64))
         out[k] = (floats[pos:pos + size] / weight).reshape(shapes[k]).astype(np.float32)
         pos += size
-    return AggregateSum(out, float(floats[-1] / weight * LOSS_SCALE), weight, int(ints[0]), sites, int(ints[2]))
+    mean_loss = float(floats[-1] / weight * LOSS_SCALE)
+    if survivors is not None:  # checked: within the quantiser's error of [0, L]
+        mean_loss = min(max(mean_loss, 0.0), LOSS_SCALE)
+    return AggregateSum(out, mean_loss, weight, int(ints[0]), sites, int(ints[2]))
 
 
 def eval_vector(loss: float, correct: int, examples: int, label_counts: Sequence[int]) -> np.ndarray:
@@ -101,8 +165,34 @@ class EvalSum:
     sites: int
 
 
-def read_eval_sum(total: np.ndarray, sites: int) -> EvalSum:
-    """The cohort's example-weighted eval loss and accuracy, examples and label counts."""
+def check_eval_sum(total: np.ndarray, noised: bool) -> None:
+    """Refuse (``ForgedSum``, naming the check and the values) an unmasked eval sum no honest
+    survivors can produce. Every honest vector, exact (``eval_vector``) or noised
+    (``eval_release.integer_vector``: ``n`` is the sum of its rounded noised counts), has counts
+    that sum to ``n`` exactly, so their sum does too (modulo 2^64). Without DP noise also
+    ``n >= 0``, ``0 <= correct <= n``, loss sum ``>= 0`` and every count ``>= 0``; with noise
+    these may fail honestly and are not checked."""
+    t = [int(x) for x in np.asarray(total, dtype=np.uint64).view(np.int64)]
+    if len(t) < 4:
+        raise ForgedSum(f"the unmasked eval sum has {len(t)} entries, fewer than loss, correct, examples and one count")
+    loss, correct, n, counts = t[0], t[1], t[2], t[3:]
+    if (sum(counts) - n) % 2**64:
+        raise ForgedSum(f"check 'counts sum to examples': the label counts sum to {sum(counts)} but the examples are {n} "
+                        "(a forged count)")
+    if noised:
+        return
+    if n < 0 or not 0 <= correct <= n:
+        raise ForgedSum(f"check 'correct <= examples': {correct} correct of {n} examples (a forged count)")
+    if loss < 0 or min(counts) < 0:
+        raise ForgedSum(f"check 'non-negative sums': loss sum {loss}, smallest label count {min(counts)} (a forged value)")
+
+
+def read_eval_sum(total: np.ndarray, sites: int, noised: bool | None = None) -> EvalSum:
+    """The cohort's example-weighted eval loss and accuracy, examples and label counts; with
+    ``noised`` given (whether any survivor's vector carries DP noise) the sum is first checked
+    (``check_eval_sum``)."""
+    if noised is not None:
+        check_eval_sum(total, noised)
     t = np.asarray(total, dtype=np.uint64).view(np.int64)  # noised entries may be negative (two's complement)
     n = int(t[2])
     counts = np.maximum(t[3:].astype(np.int64), 0)

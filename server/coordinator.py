@@ -35,12 +35,12 @@ from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import ClientDpEvent, DpSgdEvent, EvalNoiseEvent, event_from_dict
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
-from fedlora.privacy.secagg_vector import read_sum
+from fedlora.privacy.secagg_vector import read_sum, train_length
 from fedlora.strategies import SiteUpdate, get_strategy
 from fedlora.tasks import get_task
 
 from .checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
-from .cohort import Cohort, RoundReplies, weighted
+from .cohort import Cohort, RoundReplies, failed_entry, train_metrics_problem, weighted
 from .exchange import send_and_receive
 from .evaluation import NO_METRICS, clear_metrics, secure_metrics
 from .client_dp import ClientLevelDp
@@ -202,11 +202,11 @@ class Coordinator:
                 continue
             if reply is not None and reply.has_error() and reply.error.code == POLICY_REFUSED_CODE:
                 log.warning("round %d: site %s refused the round under its privacy policy: %s", round_, site, reply.error.reason)
-                out.failed.append(site)
+                out.fail(site, f"refused under its privacy policy: {reply.error.reason}")
                 out.policy_refused.append(site)
                 continue
             if reply is None or reply.has_error():
-                out.failed.append(site)
+                out.fail(site, "no reply" if reply is None else f"error reply: {reply.error.reason}")
                 if reply is not None:
                     log.warning("round %d: %s", round_, reply.error.reason)
                 continue
@@ -218,17 +218,14 @@ class Coordinator:
                 else:
                     delta, _ = from_record(arrays(reply.content, "update", "train"), shapes)
                     m = read(TrainMetrics, reply.content, "train")
-                    if not m.num_examples > 0:
-                        raise FedloraError(f"it reported {m.num_examples} training examples")
-                    if m.train_loss is not None and not np.isfinite(m.train_loss):
-                        raise FedloraError(f"it reported a non-finite train loss {m.train_loss}")
+                    problem = train_metrics_problem(m)
+                    if problem:
+                        raise FedloraError(problem)
                     unclipped = int(m.update_unclipped or 0) if self.client_dp is not None else 0
-                    if unclipped not in (0, 1):
-                        raise FedloraError(f"its clip bit is {m.update_unclipped}, not 0 or 1")
                 attested = self._attest(cohort, site, reply, round_, "train")
             except (FedloraError, KeyError, ValueError) as e:
                 log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
-                out.failed.append(site)
+                out.fail(site, f"rejected: {e}")
                 continue
             out.private |= attested
             if cohort.secure:  # the update stays masked at the site until the whole cohort's sum is unmasked
@@ -284,6 +281,8 @@ class Coordinator:
                           "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds)) if got.seconds else None})
             if got.policy_refused:
                 entry["sites_refused_policy"] = got.policy_refused
+            if got.reasons:
+                entry["sites_failed_reasons"] = dict(got.reasons)
             if cohort.secure:
                 self._secure_aggregate(grid, cohort, got, round_, entry)
             elif self.client_dp is not None and (got.updates or not cohort.selected):
@@ -323,11 +322,11 @@ class Coordinator:
             if got.failed:
                 raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed ({', '.join(got.failed)}); stopping")
             return
+        shapes, failed = {k: v.shape for k, v in cohort.state.items()}, {}
         try:
-            total, survivors, q = self.secagg.secure_sum(self._stage_exchange(grid), cohort.name, round_, got.advertised)
-            agg = read_sum(total, {k: v.shape for k, v in cohort.state.items()}, q)
-            if agg.sites != len(survivors):
-                raise ValueError(f"the unmasked sum counts {agg.sites} site(s) but {len(survivors)} survived: a forged contribution")
+            total, survivors, q = self.secagg.secure_sum(self._stage_exchange(grid), cohort.name, round_, got.advertised,
+                                                         length=train_length(shapes), failed=failed)
+            agg = read_sum(total, shapes, q, survivors=len(survivors))  # checks the sum's structure (ForgedSum)
             mean, event, info = agg.mean_delta, None, {}
             if self.client_dp is not None:
                 summed = {k: v * np.float32(agg.weight) for k, v in mean.items()}
@@ -336,9 +335,10 @@ class Coordinator:
         except (SecAggAbort, ValueError) as e:
             log.warning("round %d: secure aggregation of cohort %r aborted: %s", round_, cohort.name, e)
             entry["secure_aggregation_aborted"] = str(e)
+            entry.update(failed_entry(cohort, got, failed))
             return
-        lost = sorted(cohort.nodes[u] for u in set(got.advertised) - set(survivors))
-        entry.update({"sites_trained": agg.sites, "sites_failed": got.failed + lost, "values_clipped": agg.clipped,
+        entry.update(failed_entry(cohort, got, {u: "dropped out" for u in set(got.advertised) - set(survivors)} | failed))
+        entry.update({"sites_trained": agg.sites, "values_clipped": agg.clipped,
                       "train_loss": None if got.private else agg.mean_loss, "site_train_seconds": None, **info})
         if event is not None:
             self._record_client_event(cohort, event)
@@ -367,7 +367,8 @@ class Coordinator:
                 metrics = dict(NO_METRICS)
             elif self._secure_metrics(cohort):
                 assert self.secagg is not None
-                metrics = secure_metrics(self.secagg, self._stage_exchange(grid), cohort, replies, round_)
+                metrics = secure_metrics(self.secagg, self._stage_exchange(grid), cohort, replies, round_,
+                                         self.task.count_buckets(cohort.labels))
             else:
                 metrics = clear_metrics(cohort, replies, round_, self.task.count_buckets(cohort.labels))
             entry.update(self.task.report(metrics, cohort.labels))

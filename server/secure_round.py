@@ -9,6 +9,16 @@ that fail or do not answer within the stage timeout count as dropped; below the 
 the round aborts (``SecAggAbort``) and nothing is revealed: the cohort's adapter stays as it
 was (or its metrics stay unknown).
 
+A site may send any bytes. Every reply is checked against what an honest site sends at that
+stage (``key_problem``, ``share_problem``, ``masked_vector``, ``unmask_problem``): a
+public key that is not a usable X25519 key, a share reply that does not hold exactly one
+ciphertext of the right size per neighbour, a masked vector of the wrong length, dtype or
+range, an unmask reply that does not pair each share with a peer and kind it may reveal. A
+malformed reply counts as that site dropping out at that stage (its later contributions are
+not asked for; at stage 4 only its shares are left out), and the site is named with the
+reason in ``failed`` (the cohort's ``sites_failed``); the protocol goes on with the others
+while at least the threshold remain.
+
 Parameters: k neighbours (0: all others up to 8 sites, else the smallest even number >=
 2 log2 n), threshold t (0: ceil(2 (k + 1) / 3), at least 2), modulus bits
 ``bits + ceil(log2(n + 1))`` so that n sites never overflow (checked).
@@ -19,17 +29,20 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from flwr.app import Array, ConfigRecord, Message, RecordDict
 
 from fedlora.config import SecureAggregationConfig
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.model import derive_seed
+from fedlora.privacy import shamir
 from fedlora.privacy.quantization import Quantizer, wire_dtype
-from fedlora.privacy.secagg import SecAggCoordinator, neighbours
+from fedlora.privacy.secagg import SecAggAbort, SecAggCoordinator, neighbours
 from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
 from fedlora.protocol import MaskedAsk, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, arrays, read, record_of
 
@@ -64,6 +77,80 @@ def validate(cfg: SecureAggregationConfig, cohort_sizes: Mapping[str, int]) -> N
                 plan(cfg, n)
             except ValueError as e:
                 raise ConfigError("secure_aggregation", f"cohort {name} ({n} sites)", str(e)) from None
+
+
+KEY_BYTES = 32  # an X25519 public key
+SHARE_CIPHERTEXT_BYTES = 12 + 2 * (2 + shamir.SHARE_BYTES) + 16  # nonce, (x, y) of the b and sk shares, AES-GCM tag
+
+
+def key_problem(key: bytes) -> str:
+    """What makes ``key`` unusable as a site's X25519 public key ("" if nothing): not 32 bytes,
+    all zero, or a low-order point (an exchange with it gives the all-zero secret, which
+    ``cryptography`` refuses: every neighbour would fail)."""
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        return f"a public key of {len(key) if isinstance(key, bytes) else type(key).__name__} bytes, not {KEY_BYTES}"
+    if not any(key):
+        return "an all-zero public key"
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(key))
+    except ValueError:
+        return f"a low-order X25519 public key ({key.hex()[:16]}...): no shared secret can be agreed with it"
+    return ""
+
+
+def share_problem(peers: Sequence[int], ciphertexts: Sequence[bytes], expected: Sequence[int]) -> str:
+    """Stage 2 ("" if fine): an honest site sends one ciphertext of ``SHARE_CIPHERTEXT_BYTES``
+    to each neighbour whose keys it was sent (``expected``), and to no one else."""
+    if len(peers) != len(ciphertexts):
+        return f"{len(ciphertexts)} share ciphertexts for {len(peers)} peers"
+    if len(set(peers)) != len(peers) or set(peers) != set(expected):
+        return f"shares for peers {sorted(peers)[:8]}, expected one for each of its neighbours {sorted(expected)[:8]}"
+    sizes = sorted({len(c) for c in ciphertexts})
+    if sizes and sizes != [SHARE_CIPHERTEXT_BYTES]:
+        return f"share ciphertexts of {sizes[:4]} bytes, not {SHARE_CIPHERTEXT_BYTES}"
+    return ""
+
+
+def masked_vector(arr: Array, length: int, wire: np.dtype, modulus_bits: int) -> np.ndarray:
+    """Stage 3: the masked vector of one reply, or ValueError naming what an honest site's
+    would not be (a dtype other than the round's wire dtype, not ``length`` entries, an entry
+    at or above ``2^modulus_bits``)."""
+    if str(arr.dtype) != wire.name:
+        raise ValueError(f"a masked vector of dtype {arr.dtype}, not the round's {wire.name}")
+    if len(arr.data) != length * wire.itemsize or tuple(arr.shape) != (length,):
+        raise ValueError(f"a masked vector of shape {tuple(arr.shape)} and {len(arr.data)} bytes, not ({length},) {wire.name}")
+    y = np.frombuffer(arr.data, dtype=wire.newbyteorder("<"))
+    if modulus_bits < 64 and y.size and int(y.max()) >> modulus_bits:
+        raise ValueError(f"a masked vector with an entry {int(y.max())} at or above the modulus 2^{modulus_bits}")
+    return y
+
+
+def unmask_problem(peers: Sequence[int], kinds: Sequence[str], x: Sequence[int], y: Sequence[bytes], may_reveal: Mapping[int, str],
+                   max_x: int) -> str:
+    """Stage 4 ("" if fine): one share per peer, each a peer this site may hold a share of with
+    the kind the request allows (``may_reveal``: peer -> "b" for a survivor, "sk" for a
+    dropped one), an index in ``[1, max_x]`` and ``shamir.SHARE_BYTES`` bytes."""
+    if not len(peers) == len(kinds) == len(x) == len(y):
+        return f"{len(peers)} peers, {len(kinds)} kinds, {len(x)} indices and {len(y)} shares"
+    if len(set(peers)) != len(peers):
+        return "more than one share for a peer"
+    for p, k, i, share in zip(peers, kinds, x, y):
+        if may_reveal.get(p) != k:
+            return f"a {k!r} share of site {p}, which the request allows only as {may_reveal.get(p)!r}"
+        if not 1 <= i <= max_x or len(share) != shamir.SHARE_BYTES:
+            return f"a share of site {p} with index {i} (1 to {max_x}) and {len(share)} bytes ({shamir.SHARE_BYTES})"
+    return ""
+
+
+def _common_length(replies: Iterable[RecordDict], wire: np.dtype) -> int:
+    """The most common length of the masked vectors in ``replies`` (0 if none can be read)."""
+    sizes: Counter[int] = Counter()
+    for c in replies:
+        try:
+            sizes[len(arrays(c, "masked", "secagg_masked")["y"].data) // wire.itemsize] += 1
+        except (FedloraError, KeyError, TypeError):
+            continue
+    return sizes.most_common(1)[0][0] if sizes else 0
 
 
 class SecureAggregation:
@@ -102,42 +189,83 @@ class SecureAggregation:
             return None
 
     def secure_sum(self, exchange: Exchange, cohort: str, round_: int, advertised: Mapping[int, tuple[bytes, bytes]],
-                   kind: str = "train") -> tuple[np.ndarray, list[int], Quantizer | None]:
-        """Stages 2-4 over the sites that advertised keys: the unmasked sum (integers modulo
-        2^m), the survivors, and the quantiser to read a ``train`` sum with. Keys, ciphertexts
-        and shares travel as lists of raw bytes in the record ``secagg``."""
+                   kind: str = "train", *, length: int | None = None,
+                   failed: dict[int, str] | None = None) -> tuple[np.ndarray, list[int], Quantizer | None]:
+        """Stages 2-4 over the sites that advertised usable keys: the unmasked sum (integers
+        modulo 2^m), the survivors, and the quantiser to read a ``train`` sum with. Keys,
+        ciphertexts and shares travel as lists of raw bytes in the record ``secagg``.
+
+        ``length``: the entries of every site's vector (None: the most common length). ``failed``
+        is filled, also when the round aborts, with node -> reason for every advertised site left
+        out of the sum (stages 1-3: no reply, an error or a malformed reply) and every survivor
+        whose unmask reply was malformed (its shares are not used)."""
         round_id = self.round_id(cohort, round_, kind)
         coord, q = self._rounds.pop(round_id)
+        failed = {} if failed is None else failed
 
-        def stage(name: str, asks: Mapping[int, Any]) -> dict[int, RecordDict]:
+        def drop(u: int, stage: str, why: str) -> None:
+            log.warning("round %d: node %s counts as a dropout of %s's %s sum at %s: %s", round_, u, cohort, kind, stage, why)
+            failed.setdefault(u, f"{kind}.{stage}: {why}")
+
+        def stage(name: str, asks: Mapping[int, Any], benign: bool = False) -> dict[int, RecordDict]:
+            """The replies without an error; with ``benign`` a site that errs or does not answer is not named."""
             msgs = [Message(RecordDict({"secagg": record_of(a)}), node, f"{kind}.{name}", group_id=str(round_)) for node, a in asks.items()]
-            return {n: r.content for n, r in exchange(msgs).items() if not r.has_error()}
+            got = exchange(msgs)
+            for u in asks:
+                if not benign and (u not in got or got[u].has_error()):
+                    drop(u, name, f"error reply: {got[u].error.reason}" if u in got else "no reply within the stage timeout")
+            return {n: r.content for n, r in got.items() if n in asks and not r.has_error()}
 
-        def readable(got: Mapping[int, RecordDict], fn: Callable[[RecordDict], Any], name: str) -> dict[int, Any]:
-            """Each reply read through the protocol; a malformed one counts as a dropout, named in the log."""
+        def readable(got: Mapping[int, RecordDict], fn: Callable[[int, RecordDict], Any], name: str) -> dict[int, Any]:
+            """Each reply read through the protocol and checked; a malformed one counts as a dropout, named."""
             out = {}
             for u, c in got.items():
                 try:
-                    out[u] = fn(c)
+                    out[u] = fn(u, c)
                 except (FedloraError, ValueError) as e:
-                    log.warning("round %d: a malformed %s reply from node %s counts as a dropout: %s", round_, name, u, e)
+                    drop(u, name, f"malformed reply: {e}")
             return out
 
-        relayed = coord.relay_keys(dict(advertised))
-        got = readable(stage("secagg_share", {u: ShareAsk(round_id=round_id, peers=tuple(ks), c_pk=tuple(c for c, _ in ks.values()),
-                                                          s_pk=tuple(s for _, s in ks.values())) for u, ks in relayed.items()}),
-                       lambda c: read(ShareReply, c, f"{kind}.secagg_share"), "secagg_share")
-        sent = {u: dict(zip(r.peers, r.ciphertexts, strict=True)) for u, r in got.items()}
+        keys = {}
+        for u, (c_pk, s_pk) in advertised.items():
+            problem = key_problem(c_pk) or key_problem(s_pk)
+            if problem:
+                drop(u, "keys", f"malformed reply: {problem}")
+            else:
+                keys[u] = (c_pk, s_pk)
+        if len(keys) < coord.threshold:
+            raise SecAggAbort(f"only {len(keys)} site(s) advertised usable keys; the threshold is {coord.threshold}")
+        relayed = coord.relay_keys(keys)
+
+        def read_shares(u: int, c: RecordDict) -> dict[int, bytes]:
+            r = read(ShareReply, c, f"{kind}.secagg_share")
+            problem = share_problem(r.peers, r.ciphertexts, list(relayed[u]))
+            if problem:
+                raise ValueError(problem)
+            return dict(zip(r.peers, r.ciphertexts))
+
+        sent = readable(stage("secagg_share", {u: ShareAsk(round_id=round_id, peers=tuple(ks), c_pk=tuple(c for c, _ in ks.values()),
+                                                           s_pk=tuple(s for _, s in ks.values())) for u, ks in relayed.items()}),
+                        read_shares, "secagg_share")
         inbox = coord.relay_shares(sent)
-        wire = wire_dtype(coord.modulus_bits).name
-        got = readable(stage("secagg_masked", {u: MaskedAsk(round_id=round_id, peers=tuple(box), ciphertexts=tuple(box.values()),
-                                                            wire_dtype=wire) for u, box in inbox.items()}),
-                       lambda c: np.frombuffer(arrays(c, "masked", f"{kind}.secagg_masked")["y"].data, dtype=np.dtype(wire).newbyteorder("<")),
-                       "secagg_masked")
-        masked = dict(got)
+        wire = wire_dtype(coord.modulus_bits)
+        got = stage("secagg_masked", {u: MaskedAsk(round_id=round_id, peers=tuple(box), ciphertexts=tuple(box.values()), wire_dtype=wire.name)
+                                      for u, box in inbox.items()})
+        if length is None:
+            length = _common_length(got.values(), wire)
+        masked = readable(got, lambda u, c: masked_vector(arrays(c, "masked", f"{kind}.secagg_masked")["y"], length, wire,
+                                                          coord.modulus_bits), "secagg_masked")
         survivors, dropped = coord.unmask_request(masked)
-        got = readable(stage("secagg_unmask", {u: UnmaskAsk(round_id=round_id, survivors=tuple(survivors), dropped=tuple(dropped))
-                                               for u in survivors}),
-                       lambda c: read(UnmaskReply, c, f"{kind}.secagg_unmask"), "secagg_unmask")
-        responses = {u: {p: (k, (x, y)) for p, k, x, y in zip(r.peers, r.kinds, r.x, r.y, strict=True)} for u, r in got.items()}
+        allowed = {p: "b" for p in survivors} | {p: "sk" for p in dropped}
+
+        def read_unmask(u: int, c: RecordDict) -> dict[int, tuple[str, tuple[int, bytes]]]:
+            r = read(UnmaskReply, c, f"{kind}.secagg_unmask")
+            mine = set(coord.graph.get(u, ())) | {u}
+            problem = unmask_problem(r.peers, r.kinds, r.x, r.y, {p: k for p, k in allowed.items() if p in mine}, len(coord.graph) + 1)
+            if problem:
+                raise ValueError(problem)
+            return {p: (k, (x, y)) for p, k, x, y in zip(r.peers, r.kinds, r.x, r.y)}
+
+        responses = readable(stage("secagg_unmask", {u: UnmaskAsk(round_id=round_id, survivors=tuple(survivors), dropped=tuple(dropped))
+                                                     for u in survivors}, benign=True), read_unmask, "secagg_unmask")
         return coord.aggregate(masked, responses), survivors, q
