@@ -173,11 +173,11 @@ class CausalLM:
         "dp": {"model": {"source": "packaged:SmolLM2-135M-Instruct", "max_length": 128},
                "lora": {"mode": "frozen_a", "rank": 8},
                "train": {"batch_size": 16, "learning_rate": 2.0, "max_local_steps": 8},
-               "demo": {"examples_per_site": 96}},
+               "demo": {"examples_per_site": 72}},
         "no_dp": {"model": {"source": "packaged:SmolLM2-135M-Instruct", "max_length": 128},
                   "lora": {"mode": "standard", "rank": 8},
                   "train": {"batch_size": 8, "optimizer": "adamw", "learning_rate": 1e-3, "max_local_steps": 8},
-                  "demo": {"examples_per_site": 96}},
+                  "demo": {"examples_per_site": 72}},
     }
 
     # ---- data ---------------------------------------------------------------------
