@@ -6,7 +6,11 @@ holds, its key and the CA certificate), then runs two things until stopped:
 * a Flower SuperNode (``flower-supernode --isolation process``) connected to the coordinator's
   SuperLink with TLS (``--root-cert``) and its site key (``--key``); the site's data path,
   domain, privacy budget, model and device travel in the SuperNode's node config, which never
-  leaves the site;
+  leaves the site, and so do the paths of its secure-aggregation signing material: the site key,
+  its certificate (``--cert``, default ``<key>.crt`` beside the key) and the CA (``--root-cert``).
+  With them the site signs its SecAgg keys and requires its peers' signed by the CA
+  (``fedlora.privacy.key_signing``); without a certificate (a certs folder made before
+  ``fedlora certs`` wrote them) it warns and runs with unsigned, unchecked keys;
 * the site's ClientApp, warm, in this process (``fedlora.client.worker``), executing the
   messages the SuperNode receives.
 
@@ -62,6 +66,7 @@ class SiteOptions:
     messages_column: str = ""
     key: Path | None = None
     root_cert: Path | None = None
+    cert: Path | None = None  # the site's certificate (<site>.crt): signs its secure-aggregation keys
     insecure: bool = False
     device: str = "auto"
     epsilon: float = 0.0
@@ -93,6 +98,8 @@ def check_site(opts: SiteOptions) -> None:
             raise ConfigError("--root-cert" if opts.key else "--key", None, "both --key and --root-cert are needed")
         check_site_key(opts.key)
         check_root_cert(opts.root_cert)
+        if opts.cert is not None:
+            check_site_cert(opts)
     if opts.epsilon < 0:
         raise ConfigError("--epsilon", opts.epsilon, "must be positive (0: the coordinator's default budget)")
     if not 0 <= opts.delta < 0.1:
@@ -104,6 +111,33 @@ def check_site(opts: SiteOptions) -> None:
     get_task("causal_lm" if instruction else "sequence_classification").read(str(opts.data), columns, None)  # readable, columns present
     if opts.model:
         model_fingerprint(opts.model)
+
+
+def default_cert(key: Path | None, cert: Path | None) -> Path | None:
+    """The site's certificate: ``cert`` if given, else ``<key>.crt`` beside the key if it exists."""
+    if cert is not None or key is None:
+        return cert
+    beside = key.with_suffix(".crt")
+    return beside if beside.is_file() else None
+
+
+def check_site_cert(opts: SiteOptions) -> None:
+    """The site's certificate fits its key and name (ConfigError otherwise: its peers would
+    refuse every secure sum); one not issued by ``--root-cert`` is only warned about here (the
+    TLS connection reports a wrong CA)."""
+    from fedlora.privacy import key_signing
+
+    assert opts.cert is not None and opts.key is not None and opts.root_cert is not None
+    try:
+        creds = key_signing.Credentials(opts.name, opts.key.read_text(encoding="ascii"), opts.cert.read_text(encoding="ascii"))
+        key_signing.check_own(creds)
+    except (OSError, UnicodeDecodeError, key_signing.KeyAuthError) as e:
+        raise ConfigError("--cert", str(opts.cert), f"does not fit --key {opts.key} and --name {opts.name}: {e}") from None
+    try:
+        key_signing.check_own(key_signing.Credentials(creds.name, creds.signing_key, creds.certificate,
+                                                      opts.root_cert.read_text(encoding="ascii")))
+    except (OSError, UnicodeDecodeError, key_signing.KeyAuthError) as e:
+        log.warning("site %s: %s (--cert %s, --root-cert %s)", opts.name, e, opts.cert, opts.root_cert)
 
 
 def key_identity(key: Path | None) -> str:
@@ -135,6 +169,8 @@ def node_config(opts: SiteOptions) -> str:
     identity = key_identity(opts.key)
     if identity:
         items["identity"] = identity
+    if opts.cert is not None and opts.key is not None and opts.root_cert is not None and not opts.insecure:
+        items |= {"signing-key": str(opts.key.resolve()), "cert": str(opts.cert.resolve()), "ca": str(opts.root_cert.resolve())}
     if opts.model:
         items["model"] = opts.model if opts.model.startswith("packaged:") else str(Path(opts.model).resolve())
     for k, v in items.items():
@@ -210,6 +246,10 @@ def run_site(opts: SiteOptions, stopping: threading.Event | None = None, say=pri
     backoff, deadline, started_worker = 1.0, time.monotonic() + opts.connect_timeout, False
     mode = "INSECURE (no TLS, no site authentication)" if opts.insecure else "TLS, site key " + str(opts.key)
     say(f"fedlora client: site {opts.name} (cohort {opts.domain}) connecting to {opts.server}, {mode}")
+    if not opts.insecure and opts.cert is None:
+        say(f"fedlora client: WARNING: no site certificate ({opts.key.with_suffix('.crt') if opts.key else '--cert'} not found): "
+            "this site's secure-aggregation keys go unsigned and its peers' unchecked, so the coordinator could substitute them; "
+            "run fedlora certs again on the certs folder to issue <site>.crt")
     try:
         with (opts.state_dir / "supernode.log").open("a") as log_file:
             while not stopping.is_set():

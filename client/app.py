@@ -16,7 +16,8 @@ keys, and which release each key a site sends is). In short:
                (Gaussian noise, charged to the ledger) or ``public`` (exact, outside the guarantee).
 * secure aggregation (``SecAggSetup`` beside the config): ``train`` and ``evaluate`` reply with the
   site's public keys instead of the update or the metrics, which stay at the site, masked, until
-  ``<kind>.secagg_share`` / ``_masked`` / ``_unmask`` (``fedlora.client.secagg_site``).
+  ``<kind>.secagg_share`` / ``_masked`` / ``_unmask`` (``fedlora.client.secagg_site``); the keys
+  are signed with the site's key and checked against the federation CA (``SiteSpec.credentials``).
 
 A problem at the site (bad data, wrong cohort, non-finite update) becomes an error reply
 whose reason names it; the coordinator logs it and aggregates without that site.
@@ -177,7 +178,7 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             vector = secagg_site.train_vector(setup, delta, result.num_examples, 0.0 if loss is None else loss,
                                               weight=1.0 if ask.client_dp else None, unclipped=int(unclipped or 0))
             content = secagg_site.begin(ctx, setup, vector, sum_of=secagg_site.SumOf(site.cohort, plan.round, "train"),
-                                        state_dir=site.state_dir)
+                                        state_dir=site.state_dir, credentials=site.credentials)
         else:
             update, _ = to_record(delta, plan.wire_dtype)
             metrics = TrainMetrics(num_examples=result.num_examples, steps=result.steps, train_loss=loss,
@@ -210,7 +211,7 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             vector = (eval_release.integer_vector(values, secagg_site.EVAL_LOSS_SCALE) if mode == "noised"
                       else secagg_site.metrics_vector(res.loss, res.accuracy, res.num_examples, list(res.label_counts)))
             content = secagg_site.begin(ctx, setup, vector, sum_of=secagg_site.SumOf(site.cohort, plan.round, "evaluate"),
-                                        state_dir=site.state_dir)
+                                        state_dir=site.state_dir, credentials=site.credentials)
         else:
             content = RecordDict({EvalMetrics.record: record_of(EvalMetrics(eval_loss=loss, accuracy=accuracy, num_examples=n,
                                                                              label_counts=tuple(counts), eval_seconds=seconds))})

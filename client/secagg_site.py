@@ -11,7 +11,13 @@ Against an active coordinator every refusal below is a ``FedloraError`` naming t
 raised before anything is revealed (no keys, no shares, no masked vector):
 
 * stage 1: the group and threshold (``fedlora.privacy.secagg.check_parameters``);
-* stage 2: the relayed keys (``SecAggSite.check_relayed``), a peer named twice;
+* stage 1: this site's own signing material, when it has some, that its peers would refuse
+  (``fedlora.privacy.key_signing.check_own``);
+* stage 2: the relayed keys (``SecAggSite.check_relayed``), a peer named twice; and, when the
+  site has the federation CA (``Credentials.ca``), any peer key that is unsigned, badly
+  signed, signed for another round or sum, under a certificate not issued by the CA (or
+  expired, or not a site's), or whose certified name repeats another peer's or is this site's
+  own (``key_signing.verify_peers``);
 * stage 3: fewer than t - 1 neighbours' shares (``SecAggSite.masked_input``);
 * replay (stages 1 and 3): a site sends at most one masked input per secure sum. It keeps,
   in its node state (record ``fedlora.secagg.sent``), the round ids and the ``(cohort,
@@ -22,6 +28,13 @@ raised before anything is revealed (no keys, no shares, no masked vector):
   update into a second sum). ``train`` and ``evaluate`` of one round are two sums (the kind
   differs). A coordinator that restarts and re-asks a round whose masked input this site
   already sent is refused; one whose masked input it never sent gets an answer.
+
+Authenticated keys (``fedlora.privacy.key_signing``). A site with a key and certificate signs
+its two public keys, bound to the round id, its sum (cohort, round, kind) and its name, and
+sends the signature and certificate beside them (``SecAggKeys``). Policy: a site that has the
+CA requires every peer's keys signed and refuses the stage otherwise; a site without the CA
+(an old configuration) takes keys as relayed, as before, and logs a warning that the
+coordinator could substitute them.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +53,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedlora.errors import FedloraError
 from fedlora.files import write_text_atomic
+from fedlora.privacy import key_signing
+from fedlora.privacy.key_signing import Credentials, KeyAuthError, KeyContext, SignedKeys
 from fedlora.privacy.quantization import Quantizer
 from fedlora.privacy.secagg import SecAggAbort, SecAggSite, UnmaskRefused, check_parameters, site_from_json, site_to_json
 from fedlora.privacy.secagg_vector import EVAL_LOSS_SCALE, eval_vector, site_vector, site_weight
@@ -49,6 +65,8 @@ SENT_KEY = "fedlora.secagg.sent"
 SENT_FILE = "secagg_sent.json"
 MASKED_STYPE = "fedlora.masked"
 KINDS = ("train", "evaluate")
+log = logging.getLogger("fedlora.client")
+_WARNED: set[str] = set()  # sites already warned that their peers' keys go unauthenticated
 
 
 @dataclass(frozen=True)
@@ -157,16 +175,50 @@ def metrics_vector(loss: float, accuracy: float, examples: int, label_counts: li
     return eval_vector(loss, int(round(accuracy * examples)), examples, label_counts)
 
 
+def key_context(round_id: str, sum_of: SumOf | None) -> KeyContext:
+    """What this site's signature is bound to, and what it checks its peers' against."""
+    if sum_of is None:
+        return KeyContext(round_id)
+    return KeyContext(round_id, sum_of.cohort, int(sum_of.round), sum_of.kind)
+
+
+def _signed_keys(creds: Credentials | None, context: KeyContext, c_pk: bytes, s_pk: bytes) -> SecAggKeys:
+    """The stage-1 reply: the keys, signed when the site can sign (its own material checked
+    first, ``key_signing.check_own``); a warning when it will not check its peers' keys."""
+    if creds is None or not creds.verifies:
+        who = creds.name if creds is not None else "(unnamed)"
+        if who not in _WARNED:
+            _WARNED.add(who)
+            log.warning("site %s: no federation CA for secure aggregation: its peers' keys are not authenticated, so the "
+                        "coordinator could substitute them and unmask this site's input (give the site its certificate and "
+                        "the CA: fedlora certs writes <site>.crt)", who)
+    if creds is None or not creds.signs:
+        if creds is not None and creds.verifies and f"unsigned:{creds.name}" not in _WARNED:
+            _WARNED.add(f"unsigned:{creds.name}")
+            log.warning("site %s: no signing key and certificate: its SecAgg keys go unsigned, and peers that check "
+                        "signatures will refuse them", creds.name)
+        return SecAggKeys(c_pk=c_pk, s_pk=s_pk)
+    try:
+        key, cert = key_signing.check_own(creds)
+    except KeyAuthError as e:
+        raise FedloraError(f"secure aggregation: {e}") from None
+    return SecAggKeys(c_pk=c_pk, s_pk=s_pk, sig=key_signing.sign_keys(key, context, creds.name, c_pk, s_pk),
+                      cert=key_signing.der(cert))
+
+
 def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray, *, sum_of: SumOf | None = None,
-          state_dir: str | Path | None = None) -> RecordDict:
+          state_dir: str | Path | None = None, credentials: Credentials | None = None) -> RecordDict:
     """Stage 1: keep the masked-to-be vector and fresh secrets; reply with the public keys.
     ``setup`` is the message's record ``secagg``: round id, this site's neighbours, threshold,
     modulus bits. ``sum_of`` (what the site knows the sum is for) and ``state_dir`` (where the
     site keeps its state across runs) arm the replay checks beyond the round id.
+    ``credentials``: the site's signing material; with a key and certificate the keys go out
+    signed, with the CA stage 2 will require its peers' keys signed (module docstring).
 
     Refuses (``FedloraError``, nothing revealed) a group or threshold below the site's floor
-    (``check_parameters``) and a second sum this site already sent a masked input for (same
-    round id, same ``sum_of``, or, except for ``evaluate``, the same vector)."""
+    (``check_parameters``), a second sum this site already sent a masked input for (same
+    round id, same ``sum_of``, or, except for ``evaluate``, the same vector), and signing
+    material of its own that does not fit together (``key_signing.check_own``)."""
     node = int(ctx.node_id)
     peers = list(setup.neighbours)
     try:
@@ -179,11 +231,14 @@ def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray, *, sum_of: SumOf
     digest = None if sum_of is not None and sum_of.kind == "evaluate" else vector_digest(vector)
     _refuse_replay(ctx, state_dir, setup.round_id, sum_of, digest)
     site = SecAggSite(node, peers, setup.threshold, setup.modulus_bits, setup.round_id)
+    c_pk, s_pk = site.advertise()
+    keys = _signed_keys(credentials, key_context(setup.round_id, sum_of), c_pk, s_pk)
     ctx.state[STATE_KEY] = ConfigRecord({"site": site_to_json(site), "vector": vector.tobytes(), "dtype": vector.dtype.str,
                                          "round_id": setup.round_id, "sum_of": "" if sum_of is None else sum_of.key(),
-                                         "digest": digest or "", "state_dir": str(state_dir or "")})
-    c_pk, s_pk = site.advertise()
-    return RecordDict({SecAggKeys.record: record_of(SecAggKeys(c_pk=c_pk, s_pk=s_pk))})
+                                         "digest": digest or "", "state_dir": str(state_dir or ""),
+                                         "ca": credentials.ca if credentials is not None else "",
+                                         "name": credentials.name if credentials is not None else ""})
+    return RecordDict({SecAggKeys.record: record_of(keys)})
 
 
 def _load(ctx: Context, round_id: str) -> tuple[SecAggSite, ConfigRecord]:
@@ -216,14 +271,32 @@ def _protocol(fn):
 
 @_protocol
 def share(ctx: Context, content: RecordDict) -> RecordDict:
-    """Stage 2: encrypted share pairs for the neighbours whose keys the coordinator relayed."""
+    """Stage 2: encrypted share pairs for the neighbours whose keys the coordinator relayed.
+    With the CA (kept from stage 1) every relayed key must verify first (``_authenticate``)."""
     req = read(ShareAsk, content, "secagg_share")
     site, rec = _load(ctx, req.round_id)
     _unique(req.peers, "relayed key list")
+    _authenticate(req, rec)
     keys = {p: (c, s) for p, c, s in zip(req.peers, req.c_pk, req.s_pk, strict=True)}
     boxes = site.share_keys(keys)
     _save(ctx, site, rec)
     return RecordDict({ShareReply.record: record_of(ShareReply(peers=tuple(boxes), ciphertexts=tuple(boxes.values())))})
+
+
+def _authenticate(req: ShareAsk, rec: ConfigRecord) -> None:
+    """Refuse (``FedloraError`` naming the peer and why, before any share is made) relayed keys
+    that do not verify against this site's CA: ``key_signing.verify_peers`` with the site's own
+    round id, sum and name. Nothing to check for a site without the CA (an old configuration)."""
+    ca = str(rec.get("ca", ""))
+    if not ca:
+        return
+    certs = req.certs or (b"",) * len(req.peers)
+    sigs = req.sigs or (b"",) * len(req.peers)
+    peers = {p: SignedKeys(c, s, sig, cert) for p, c, s, sig, cert in zip(req.peers, req.c_pk, req.s_pk, sigs, certs, strict=True)}
+    try:
+        key_signing.verify_peers(peers, ca, key_context(str(rec["round_id"]), _sum_of(rec)), str(rec.get("name", "")))
+    except KeyAuthError as e:
+        raise FedloraError(f"secure aggregation: {e}; refusing to share with it (nothing revealed)") from None
 
 
 @_protocol

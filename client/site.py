@@ -2,15 +2,21 @@
 
 In deployment these come from the SuperNode's node config (they never leave the site); in
 simulation the engine hands each virtual site one ``SiteSpec`` by partition id.
+
+Its secure-aggregation signing material (``signing_key``, ``certificate``, ``ca``: PEM or
+OpenSSH text) makes its ``credentials`` (``fedlora.privacy.key_signing``): with key and
+certificate its SecAgg keys go out signed; with the CA it requires its peers' keys signed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedlora.errors import ConfigError, FedloraError
+from fedlora.privacy.key_signing import Credentials
 from fedlora.privacy.policy import SitePolicy
 from fedlora.tasks.base import SiteColumns
 
@@ -39,6 +45,9 @@ class SiteSpec:
     device: str = ""  # this site's device (auto, cpu, cuda, cuda:N); "" = the process default
     policy: SitePolicy = field(default_factory=SitePolicy)  # the site's own privacy policy (fedlora.privacy.policy)
     identity: str = ""  # the site's key identity (deployment: its public key's fingerprint); "" = sim:<name>
+    signing_key: str = field(default="", repr=False)  # its EC P-384 private key (PEM or OpenSSH text); "" = none
+    certificate: str = ""  # its certificate from the federation CA, CN = name (PEM); "" = none
+    ca: str = ""  # the federation CA certificate (PEM); "" = peers' SecAgg keys are not checked
 
     @property
     def columns(self) -> SiteColumns:
@@ -50,17 +59,27 @@ class SiteSpec:
         """Whom the site's ledger is keyed by: its key, never its self-chosen name."""
         return self.identity or f"sim:{self.name}"
 
+    @property
+    def credentials(self) -> Credentials | None:
+        """Its secure-aggregation signing material, or None when it has none at all."""
+        if not (self.signing_key or self.certificate or self.ca):
+            return None
+        return Credentials(self.name, self.signing_key, self.certificate, self.ca)
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its fields, the private signing key left out."""
+        return {k: v for k, v in asdict(self).items() if k != "signing_key"}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSpec:
         """Read a deployed site's spec from SuperNode node config keys
         ``site-name``, ``domain``, ``data-path``, ``text-column``, ``label-column``, ``prompt-column``,
         ``response-column``, ``messages-column``, ``state-dir``,
-        ``model``, ``device``, ``identity`` and the policy: ``epsilon``, ``delta``, ``accountant``,
-        ``eval-metrics``, ``public-size``. Reproducible noise is never read from here: it exists
-        in simulation only."""
+        ``model``, ``device``, ``identity``, the policy: ``epsilon``, ``delta``, ``accountant``,
+        ``eval-metrics``, ``public-size``, and the paths of the signing material (read here):
+        ``signing-key`` (the site's ``.key``), ``cert`` (its ``.crt``), ``ca`` (``ca.pem``); key
+        and certificate come together or not at all. Reproducible noise is never read from
+        here: it exists in simulation only."""
         missing = [k for k in ("domain", "data-path") if not node_config.get(k)]
         if missing:
             raise ConfigError("node-config", dict(node_config), f"a site needs {', '.join(missing)} in its node config")
@@ -79,4 +98,20 @@ class SiteSpec:
                    messages_column=str(node_config.get("messages-column", "")),
                    state_dir=state_dir,
                    model=str(node_config.get("model", "")), device=str(node_config.get("device", "")), policy=policy,
-                   identity=str(node_config.get("identity", "")))
+                   identity=str(node_config.get("identity", "")), **_signing_material(node_config))
+
+
+def _signing_material(node_config: Mapping[str, Any]) -> dict[str, str]:
+    """``signing_key``, ``certificate`` and ``ca`` read from the files the node config names."""
+    paths = {field_: str(node_config.get(key, "")) for field_, key in (("signing_key", "signing-key"), ("certificate", "cert"),
+                                                                       ("ca", "ca"))}
+    if bool(paths["signing_key"]) != bool(paths["certificate"]):
+        raise ConfigError("node-config", dict(node_config), "signing-key and cert name the site's key and its certificate: give both or neither")
+    out = {}
+    for field_, path in paths.items():
+        if path:
+            try:
+                out[field_] = Path(path).read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError("node-config", path, f"the site's {field_.replace('_', ' ')} file cannot be read: {e}") from None
+    return out

@@ -1,13 +1,14 @@
 """The deployment commands of the ``fedlora`` CLI: ``certs``, ``server``, ``client``.
 
 ``fedlora certs --out DIR --hosts HOST,... --sites NAME,...``: the CA, the coordinator's TLS
-certificate and one key pair per site (``fedlora.server.certs``).
+certificate and one key pair and certificate per site (``fedlora.server.certs``).
 
 ``fedlora server --config RUN.toml --address HOST:PORT --certs DIR --out RUN_DIR``: the
 coordinator (``fedlora.server.deploy``); ``--resume RUN_DIR`` continues a stopped run.
 
-``fedlora client --server HOST:PORT --data PATH --domain NAME --key K --root-cert CA``: a
-site's agent (``fedlora.client.agent``), running until stopped.
+``fedlora client --server HOST:PORT --data PATH --domain NAME --key K --root-cert CA [--cert C]``:
+a site's agent (``fedlora.client.agent``), running until stopped; ``--cert`` (default: ``K``
+with suffix ``.crt``, when it exists) signs its secure-aggregation keys.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def add_deploy_parsers(sub: Any) -> None:
     from .cli import add_run_flags
 
     c = sub.add_parser("certs", help="make the CA, the coordinator's TLS certificate and the sites' key pairs",
-                       description="Write DIR/ca.pem, server.pem, server.key and <site>.key/.pub per site (private keys mode 0600). "
-                                   "Existing files are kept: run it again with new --sites to add sites.")
+                       description="Write DIR/ca.pem, server.pem, server.key and <site>.key/.pub/.crt per site (private keys mode 0600). "
+                                   "Existing files are kept: run it again with new --sites to add sites (or to issue the "
+                                   ".crt of a site key made before).")
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--hosts", type=_csv, default=["localhost", "127.0.0.1"],
                    help="comma-separated names and IP addresses the sites reach the coordinator at (localhost and 127.0.0.1 are always added)")
@@ -72,6 +74,8 @@ def add_deploy_parsers(sub: Any) -> None:
     k.add_argument("--messages-column", default="", help="causal_lm: a column of chat turns ending with the answer")
     k.add_argument("--key", type=Path, help="this site's private key (<site>.key from fedlora certs)")
     k.add_argument("--root-cert", type=Path, help="the federation's CA certificate (ca.pem from fedlora certs)")
+    k.add_argument("--cert", type=Path, help="this site's certificate, which signs its secure-aggregation keys (<site>.crt from "
+                                             "fedlora certs; default: the --key path with suffix .crt, when it exists)")
     k.add_argument("--insecure", action="store_true", help="no TLS and no site key (test networks only)")
     k.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     k.add_argument("--epsilon", type=float, default=0.0,
@@ -134,14 +138,15 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_client(args: argparse.Namespace) -> int:
-    from fedlora.client.agent import SiteOptions, run_site
+    from fedlora.client.agent import SiteOptions, default_cert, run_site
 
     name = args.name or (args.key.stem if args.key else args.domain)
     if args.insecure:
         print(INSECURE_WARNING.format(where=args.server), file=sys.stderr, flush=True)
     opts = SiteOptions(server=args.server, data=Path(args.data), domain=args.domain, name=name, text_column=args.text_column,
                        label_column=args.label_column, prompt_column=args.prompt_column, response_column=args.response_column,
-                       messages_column=args.messages_column, key=args.key, root_cert=args.root_cert, insecure=args.insecure,
+                       messages_column=args.messages_column, key=args.key, root_cert=args.root_cert,
+                       cert=default_cert(args.key, args.cert), insecure=args.insecure,
                        device=args.device, epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
                        eval_metrics=args.eval_metrics, public_size=args.public_size, model=args.model, state_dir=(args.state_dir or Path("fedlora-state") / name).resolve(),
                        connect_timeout=args.connect_timeout)

@@ -310,9 +310,19 @@ class PrivacyStatus(Part):
 
 @dataclass(frozen=True)
 class SecAggKeys(Part):
+    """A site's two public keys and, when it has signing material, its ECDSA signature over them
+    and its certificate (DER), ``fedlora.privacy.key_signing``; b"" when unsigned."""
+
     record: ClassVar[str] = "secagg"
     c_pk: bytes = _key("c_pk", "secagg.keys")
     s_pk: bytes = _key("s_pk", "secagg.keys")
+    sig: bytes = _key("sig", "secagg.keys", default=b"")
+    cert: bytes = _key("cert", "secagg.keys", default=b"")
+
+    def problem(self) -> str:
+        if bool(self.sig) != bool(self.cert):
+            return "a signature without a certificate, or a certificate without a signature"
+        return ""
 
 
 # ---- secure-aggregation stages 2-4 ----------------------------------------------------
@@ -323,6 +333,16 @@ class ShareAsk(Part):
     peers: tuple[int, ...] = _key("peers")
     c_pk: tuple[bytes, ...] = _key("c_pk")
     s_pk: tuple[bytes, ...] = _key("s_pk")
+    certs: tuple[bytes, ...] = _key("certs", default=())  # each peer's certificate (DER), b"" if it sent none
+    sigs: tuple[bytes, ...] = _key("sigs", default=())  # each peer's signature over its keys, b"" if none
+
+    def problem(self) -> str:
+        n = len(self.peers)
+        if len(self.c_pk) != n or len(self.s_pk) != n:
+            return f"{len(self.c_pk)} c keys and {len(self.s_pk)} s keys for {n} peers"
+        if (self.certs or self.sigs) and not len(self.certs) == len(self.sigs) == n:
+            return f"{len(self.certs)} certificates and {len(self.sigs)} signatures for {n} peers (none, or one of each per peer)"
+        return ""
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,8 @@ def release_catalogue(privacy: Mapping[str, Any], secure_aggregation: Mapping[st
     if secure:
         update = next(r for r in out if r.name == "train.update")
         out += [
-            Release("secagg.keys", "secagg", "two public keys per round: fresh randomness, independent of the data", "declared public",
+            Release("secagg.keys", "secagg", "two public keys per round (fresh randomness, independent of the data), signed, with the "
+                    "site's certificate (its name, already known)", "declared public",
                     "policy.secure_aggregation"),
             Release("secagg.shares", "secagg", "Shamir shares of its mask seed and secret key, encrypted to each neighbour "
                     "(ciphertexts to the coordinator)", "declared public", "policy.secure_aggregation"),

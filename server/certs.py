@@ -7,11 +7,18 @@ Files written into ``DIR``:
                               alternative names are the --hosts given: DNS names and IP addresses)
     <site>.key, <site>.pub    one key pair per site for SuperNode authentication (EC P-384,
                               OpenSSH format, as Flower's SuperNode and ``flwr supernode register`` read them)
+    <site>.crt                the site's certificate (PEM, signed by the CA): subject CN = the site's
+                              name, the public key of <site>.key, extended key usage clientAuth. The
+                              site signs its secure-aggregation keys with <site>.key and its peers
+                              check them against ca.pem (``fedlora.privacy.key_signing``), so the
+                              coordinator, which never holds ca.key, cannot substitute them
     WHERE-FILES-GO.txt        which file goes to which machine
 
 Private keys are created with mode 0600 (never readable by others, not even briefly) and the
 folder with 0700. Existing files are never overwritten: a second call with new site names adds
-their key pairs and reuses the CA and server certificate already there.
+their key pairs and reuses the CA and server certificate already there; a site key made before
+certificates existed (a ``<site>.key`` without ``<site>.crt``) gets its certificate, for the
+key it already has.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedlora.errors import ConfigError
+from fedlora.privacy.key_signing import site_certificate
 
 LOOPBACK = ("localhost", "127.0.0.1")
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -88,11 +96,12 @@ def guide(out: Path, sites: Sequence[str]) -> str:
     """What the operator does with each file."""
     lines = [f"fedlora certs in {out}:",
              "  coordinator (fedlora server --certs DIR):  ca.pem, server.pem, server.key, and every <site>.pub (the allowlist)",
-             "  each site (fedlora client):                ca.pem (--root-cert) and its own <site>.key (--key); nothing else",
-             "  keep offline, with the operator:           ca.key (signs new server certificates)",
+             "  each site (fedlora client):                ca.pem (--root-cert), its own <site>.key (--key) and <site>.crt (beside",
+             "                                             the key, or --cert); nothing else",
+             "  keep offline, with the operator:           ca.key (signs new server and site certificates; never on the coordinator)",
              "  never copy a .key file anywhere but its own machine."]
     for s in sites:
-        lines.append(f"  site {s}: send ca.pem and {s}.key to {s}; {s}.pub stays on the coordinator")
+        lines.append(f"  site {s}: send ca.pem, {s}.key and {s}.crt to {s}; {s}.pub stays on the coordinator")
     return "\n".join(lines) + "\n"
 
 
@@ -147,10 +156,28 @@ def make_certs(out: str | Path, hosts: Sequence[str], sites: Sequence[str], *, d
         pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write(root / f"{s}.pub", pub + f" fedlora-site:{s}\n".encode(), private=False)
         created += [f"{s}.key", f"{s}.pub"]
+    for s in dict.fromkeys(sites + sorted(p.stem for p in root.glob("*.key") if p.stem not in ("ca", "server"))):
+        if (root / f"{s}.crt").exists():
+            kept.append(f"{s}.crt")
+        elif (root / f"{s}.key").exists():
+            cert = site_certificate(s, _site_key(root / f"{s}.key").public_key(), ca_key, ca_cert, days)
+            _write(root / f"{s}.crt", cert.public_bytes(serialization.Encoding.PEM), private=False)
+            created.append(f"{s}.crt")
     all_sites = sorted(p.stem for p in root.glob("*.pub"))
     text = guide(root, all_sites)
     (root / "WHERE-FILES-GO.txt").write_text(text, encoding="utf-8")
     return CertsResult(root, created, kept, text)
+
+
+def _site_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """A site's existing OpenSSH private key, to issue its certificate for."""
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except ValueError as e:
+        raise ConfigError("--out", str(path), f"is not a readable OpenSSH private key: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
+        raise ConfigError("--out", str(path), "is not an EC P-384 key made by fedlora certs")
+    return key
 
 
 def site_public_keys(certs: Path) -> dict[str, Path]:

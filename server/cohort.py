@@ -48,7 +48,7 @@ class RoundReplies:
     refused: list[str] = field(default_factory=list)
     policy_refused: list[str] = field(default_factory=list)  # sites that refused the round under their privacy policy
     private: bool = False  # some site attested a DP event: no train loss is released for the cohort
-    advertised: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # secure aggregation: node -> public keys
+    advertised: dict[int, tuple[bytes, ...]] = field(default_factory=dict)  # secure aggregation: node -> (c_pk, s_pk, sig, cert)
 
     def fail(self, site: str, reason: str) -> None:
         """Leave ``site`` out of the round, saying why."""

@@ -47,7 +47,7 @@ from .client_dp import ClientLevelDp
 from .rundir import RunDir
 from .advice import with_warnings
 from .run_summary import cohort_summary, partition_summary, privacy_summary
-from .secure_round import SecureAggregation
+from .secure_round import SecureAggregation, advertised_keys
 from .secure_round import validate as validate_secure_aggregation
 
 log = logging.getLogger("fedlora.server")
@@ -214,7 +214,7 @@ class Coordinator:
                 if cohort.secure:
                     keys = read(SecAggKeys, reply.content, "train")
                     delta, m, unclipped = None, None, 0
-                    advertised = (keys.c_pk, keys.s_pk)
+                    advertised = advertised_keys(keys)
                 else:
                     delta, _ = from_record(arrays(reply.content, "update", "train"), shapes)
                     m = read(TrainMetrics, reply.content, "train")

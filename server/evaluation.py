@@ -15,7 +15,7 @@ from fedlora.privacy.secagg_vector import eval_length, read_eval_sum
 from fedlora.protocol import EvalKept, EvalMetrics, SecAggKeys, read
 
 from .cohort import Cohort, eval_metrics_problem, ok_replies, weighted
-from .secure_round import Exchange, SecureAggregation
+from .secure_round import Exchange, SecureAggregation, advertised_keys
 
 log = logging.getLogger("fedlora.server")
 
@@ -87,7 +87,7 @@ def secure_metrics(secagg: SecureAggregation, exchange: Exchange, cohort: Cohort
             log.warning("round %d: left out site %s from the secure eval sum: %s", round_, site, e)
             failed[site] = f"rejected: {e}"
             continue
-        advertised[node] = (keys.c_pk, keys.s_pk)
+        advertised[node] = advertised_keys(keys)
         noised |= "privacy_event" in r.content  # its vector carries DP noise (the event was checked on arrival)
     if kept and not advertised:
         return NO_METRICS | {"eval_examples": 0, "eval_kept_by": kept} | failed_fields(failed)

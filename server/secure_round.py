@@ -2,7 +2,11 @@
 
 Stage 1 rides on the ``train`` (or ``evaluate``) messages: ``site_config`` adds the round's
 graph and parameters; each site answers with its public keys instead of its update (or its
-metrics). ``secure_sum`` then relays keys (``<kind>.secagg_share``), ciphertexts
+metrics), with its signature over them and its certificate when it has signing material
+(``fedlora.privacy.key_signing``). ``secure_sum`` then relays keys, each with its signer's
+signature and certificate, untouched (``<kind>.secagg_share``: the sites check them against
+the federation CA; the coordinator never holds the CA's key, so it cannot sign a key of its
+own for a site name), ciphertexts
 (``<kind>.secagg_masked``) and the unmask request (``<kind>.secagg_unmask``) and returns the
 cohort's unmasked sum (``train``: de-quantised; ``evaluate``: exact integer metrics). Sites
 that fail or do not answer within the stage timeout count as dropped; below the threshold
@@ -10,8 +14,9 @@ the round aborts (``SecAggAbort``) and nothing is revealed: the cohort's adapter
 was (or its metrics stay unknown).
 
 A site may send any bytes. Every reply is checked against what an honest site sends at that
-stage (``key_problem``, ``share_problem``, ``masked_vector``, ``unmask_problem``): a
-public key that is not a usable X25519 key, a share reply that does not hold exactly one
+stage (``key_problem``, ``auth_problem``, ``share_problem``, ``masked_vector``,
+``unmask_problem``): a public key that is not a usable X25519 key, a signature without a
+certificate (or either larger than a site's), a share reply that does not hold exactly one
 ciphertext of the right size per neighbour, a masked vector of the wrong length, dtype or
 range, an unmask reply that does not pair each share with a peer and kind it may reveal. A
 malformed reply counts as that site dropping out at that stage (its later contributions are
@@ -42,9 +47,10 @@ from fedlora.errors import ConfigError, FedloraError
 from fedlora.model import derive_seed
 from fedlora.privacy import shamir
 from fedlora.privacy.quantization import Quantizer, wire_dtype
+from fedlora.privacy.key_signing import MAX_CERT_BYTES, MAX_SIG_BYTES
 from fedlora.privacy.secagg import SecAggAbort, SecAggCoordinator, neighbours
 from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
-from fedlora.protocol import MaskedAsk, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, arrays, read, record_of
+from fedlora.protocol import MaskedAsk, SecAggKeys, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, arrays, read, record_of
 
 log = logging.getLogger("fedlora.server")
 Exchange = Callable[[list[Message]], dict[int, Message]]
@@ -96,6 +102,24 @@ def key_problem(key: bytes) -> str:
     except ValueError:
         return f"a low-order X25519 public key ({key.hex()[:16]}...): no shared secret can be agreed with it"
     return ""
+
+
+def auth_problem(sig: bytes, cert: bytes) -> str:
+    """Stage 1's signature and certificate ("" if fine, also when both are empty: an unsigned
+    site): both or neither, neither larger than a site's (the sites verify them; the
+    coordinator only keeps an oversized or half-signed reply from being relayed)."""
+    if not isinstance(sig, bytes) or not isinstance(cert, bytes):
+        return "a signature or certificate that is not bytes"
+    if bool(sig) != bool(cert):
+        return "a signature without a certificate, or a certificate without a signature"
+    if len(sig) > MAX_SIG_BYTES or len(cert) > MAX_CERT_BYTES:
+        return f"a signature of {len(sig)} bytes or a certificate of {len(cert)} bytes (at most {MAX_SIG_BYTES} and {MAX_CERT_BYTES})"
+    return ""
+
+
+def advertised_keys(keys: SecAggKeys) -> tuple[bytes, bytes, bytes, bytes]:
+    """What ``secure_sum`` takes per site from its stage-1 reply: ``(c_pk, s_pk, sig, cert)``."""
+    return keys.c_pk, keys.s_pk, keys.sig, keys.cert
 
 
 def share_problem(peers: Sequence[int], ciphertexts: Sequence[bytes], expected: Sequence[int]) -> str:
@@ -188,12 +212,15 @@ class SecureAggregation:
             log.warning("round %d: cohort %r sits out this %s round: %s", round_, cohort, kind, e)
             return None
 
-    def secure_sum(self, exchange: Exchange, cohort: str, round_: int, advertised: Mapping[int, tuple[bytes, bytes]],
+    def secure_sum(self, exchange: Exchange, cohort: str, round_: int, advertised: Mapping[int, tuple[bytes, ...]],
                    kind: str = "train", *, length: int | None = None,
                    failed: dict[int, str] | None = None) -> tuple[np.ndarray, list[int], Quantizer | None]:
         """Stages 2-4 over the sites that advertised usable keys: the unmasked sum (integers
-        modulo 2^m), the survivors, and the quantiser to read a ``train`` sum with. Keys,
-        ciphertexts and shares travel as lists of raw bytes in the record ``secagg``.
+        modulo 2^m), the survivors, and the quantiser to read a ``train`` sum with.
+        ``advertised``: node -> ``(c_pk, s_pk)`` or ``(c_pk, s_pk, sig, cert)``
+        (``advertised_keys``); each site's signature and certificate are relayed with its keys.
+        Keys, signatures, certificates, ciphertexts and shares travel as lists of raw bytes in
+        the record ``secagg``.
 
         ``length``: the entries of every site's vector (None: the most common length). ``failed``
         is filled, also when the round aborts, with node -> reason for every advertised site left
@@ -226,13 +253,14 @@ class SecureAggregation:
                     drop(u, name, f"malformed reply: {e}")
             return out
 
-        keys = {}
-        for u, (c_pk, s_pk) in advertised.items():
-            problem = key_problem(c_pk) or key_problem(s_pk)
+        keys, auth = {}, {}
+        for u, (c_pk, s_pk, *signed) in advertised.items():
+            sig, cert = (signed + [b"", b""])[:2]
+            problem = key_problem(c_pk) or key_problem(s_pk) or auth_problem(sig, cert)
             if problem:
                 drop(u, "keys", f"malformed reply: {problem}")
             else:
-                keys[u] = (c_pk, s_pk)
+                keys[u], auth[u] = (c_pk, s_pk), (sig, cert)
         if len(keys) < coord.threshold:
             raise SecAggAbort(f"only {len(keys)} site(s) advertised usable keys; the threshold is {coord.threshold}")
         relayed = coord.relay_keys(keys)
@@ -244,9 +272,12 @@ class SecureAggregation:
                 raise ValueError(problem)
             return dict(zip(r.peers, r.ciphertexts))
 
-        sent = readable(stage("secagg_share", {u: ShareAsk(round_id=round_id, peers=tuple(ks), c_pk=tuple(c for c, _ in ks.values()),
-                                                           s_pk=tuple(s for _, s in ks.values())) for u, ks in relayed.items()}),
-                        read_shares, "secagg_share")
+        def share_ask(ks: Mapping[int, tuple[bytes, bytes]]) -> ShareAsk:
+            signed = any(auth[p][0] for p in ks)  # all unsigned: the record stays as before signatures
+            return ShareAsk(round_id=round_id, peers=tuple(ks), c_pk=tuple(c for c, _ in ks.values()), s_pk=tuple(s for _, s in ks.values()),
+                            certs=tuple(auth[p][1] for p in ks) if signed else (), sigs=tuple(auth[p][0] for p in ks) if signed else ())
+
+        sent = readable(stage("secagg_share", {u: share_ask(ks) for u, ks in relayed.items()}), read_shares, "secagg_share")
         inbox = coord.relay_shares(sent)
         wire = wire_dtype(coord.modulus_bits)
         got = stage("secagg_masked", {u: MaskedAsk(round_id=round_id, peers=tuple(box), ciphertexts=tuple(box.values()), wire_dtype=wire.name)

@@ -5,6 +5,10 @@ built), load the base model and check the LoRA targets, read and validate every 
 file and every site's share of it (``partition``: computed once here, at the coordinator side,
 seeded by the run's seed and the cohort name); only then create the run directory, write the
 demo data and ``partition.json`` (every site's rows and label histogram), and start the engine.
+
+With secure aggregation the run makes an in-memory federation CA (``key_signing.InMemoryCA``)
+and gives every virtual site its own key, certificate and the CA (``with_credentials``), so the
+sites sign their SecAgg keys and check their peers' exactly as deployed sites do.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from fedlora.client.site import SiteSpec
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, FederationError, RunInterrupted
 from fedlora.model import ModelSpec, derive_seed, get_runtime
+from fedlora.privacy.key_signing import InMemoryCA
 from fedlora.privacy.policy import SitePolicy
 from fedlora.server.advice import with_warnings
 from fedlora.server.app import make_server_app
@@ -205,9 +210,22 @@ def resume(run_path: str | Path, *, progress: bool = True) -> tuple[Path, dict[s
     return _run(cfg, plan, run_dir, sites, checkpoint, progress, started)
 
 
+def with_credentials(sites: list[SiteSpec], ca: InMemoryCA | None = None) -> list[SiteSpec]:
+    """The sites, each with a fresh P-384 key, a certificate for its name from ``ca`` (a new
+    in-memory CA for this run if None; its key never leaves this process) and the CA itself."""
+    ca = ca or InMemoryCA()
+    out = []
+    for s in sites:
+        creds = ca.credentials(s.name)
+        out.append(replace(s, signing_key=creds.signing_key, certificate=creds.certificate, ca=creds.ca))
+    return out
+
+
 def _run(cfg: RunConfig, plan: Plan, run_dir: RunDir, sites: list[SiteSpec], checkpoint: Checkpoint | None, progress: bool,
          started: float) -> tuple[Path, dict[str, Any]]:
     result: dict[str, Any] = {}
+    if cfg.secure_aggregation.enabled:
+        sites = with_credentials(sites)
     server_app = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=progress, result=result,
                                  resume=checkpoint)
     client_app = make_client_app(sites, device=cfg.model.device, dtype=cfg.model.dtype)

@@ -117,11 +117,13 @@ def run_with(cfg, intercept=None, rewrite=None) -> Path:
     from fedlora.client.app import make_client_app
     from fedlora.server.app import make_server_app
     from fedlora.server.rundir import RunDir
-    from fedlora.simulation.runner import _write_demo_data, plan_sites, run_engine
+    from fedlora.simulation.runner import _write_demo_data, plan_sites, run_engine, with_credentials
 
     plan = plan_sites(cfg)
     run_dir = RunDir.start(cfg)  # with config.toml, as fedlora simulate writes it
     sites = _write_demo_data(cfg, plan, run_dir)
+    if cfg.secure_aggregation.enabled:  # signed SecAgg keys, as in fedlora simulate
+        sites = with_credentials(sites)
     real = make_client_app(sites, device="cpu")
 
     def client(msg, ctx):

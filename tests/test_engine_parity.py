@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.numpy import load_file
 
@@ -30,7 +31,8 @@ def test_inprocess_and_ray_engines_give_the_same_adapters(make_config, tmp_path:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{cohort}: {k}")
         assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
     sa, sb = (json.loads((runs[e] / "summary.json").read_text()) for e in ("inprocess", "ray"))
-    assert sa["bytes_up"] == sb["bytes_up"] and sa["bytes_down"] == sb["bytes_down"]
+    # equal up to the DER encodings of the signed secure-aggregation keys (each run's CA and signatures are fresh)
+    assert [sa["bytes_up"], sa["bytes_down"]] == pytest.approx([sb["bytes_up"], sb["bytes_down"]], rel=1e-3)
     assert sa["cohorts"]["finance"]["accuracy"] == sb["cohorts"]["finance"]["accuracy"]
     # secure sums are exact integer sums: the masks cancel whatever each engine drew
     assert sa["cohorts"]["finance"]["secure_aggregation"] is sb["cohorts"]["finance"]["secure_aggregation"] is True
