@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import os
 import importlib.util
@@ -154,8 +155,10 @@ def model_files(source: str) -> tuple[Path, str]:
     return path, gguf
 
 
+@functools.lru_cache(maxsize=8)
 def model_type(source: str) -> str:
-    """The checkpoint's ``model_type`` (``bert``, ``llama``, ...), for the default LoRA targets."""
+    """The checkpoint's ``model_type`` (``bert``, ``llama``, ...), for the default LoRA targets (cached per
+    process: a GGUF file's metadata is read once)."""
     path, gguf = model_files(source)
     if gguf:
         import transformers

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-LOSS_CAP = 8.0  # per-example eval loss cap (nats) in the DP eval release (``fedlora.privacy.eval_release``)
+from fedlora.privacy.eval_release import LOSS_CAP  # the DP eval release's per-example loss cap (one definition)
+
 
 # a chat prompt: the turns before the answer, as (role, content) pairs
 Turns = tuple[tuple[str, str], ...]
