@@ -1,7 +1,8 @@
 """``fedlora client``: a data site's agent, beside its data.
 
 It checks what it can before connecting (the data file and its columns, the base model it
-holds, its key and the CA certificate), then runs two things until stopped:
+holds, its key and the CA certificate; a key its group or others can read is refused,
+``fedlora.keyfiles``), then runs two things until stopped:
 
 * a Flower SuperNode (``flower-supernode --isolation process``) connected to the coordinator's
   SuperLink with TLS (``--root-cert``) and its site key (``--key``); the site's data path,
@@ -77,6 +78,7 @@ class SiteOptions:
     model: str = ""
     state_dir: Path = Path("fedlora-state")
     connect_timeout: float = 300.0
+    allow_clear_aggregation: bool = False  # send updates and metrics in the clear when asked without secure aggregation
 
 
 def check_site(opts: SiteOptions) -> None:
@@ -166,6 +168,8 @@ def node_config(opts: SiteOptions) -> str:
         if value:
             items[key] = str(value)
     items["eval-metrics"] = opts.eval_metrics
+    if opts.allow_clear_aggregation:
+        items["allow-clear-aggregation"] = "true"
     identity = key_identity(opts.key)
     if identity:
         items["identity"] = identity
@@ -249,7 +253,7 @@ def run_site(opts: SiteOptions, stopping: threading.Event | None = None, say=pri
     if not opts.insecure and opts.cert is None:
         say(f"fedlora client: WARNING: no site certificate ({opts.key.with_suffix('.crt') if opts.key else '--cert'} not found): "
             "this site's secure-aggregation keys go unsigned and its peers' unchecked, so the coordinator could substitute them; "
-            "run fedlora certs again on the certs folder to issue <site>.crt")
+            "ask the operator for <site>.crt (fedlora certs --sign-requests <site>.csr, from fedlora keygen)")
     try:
         with (opts.state_dir / "supernode.log").open("a") as log_file:
             while not stopping.is_set():

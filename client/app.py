@@ -18,6 +18,10 @@ keys, and which release each key a site sends is). In short:
   site's public keys instead of the update or the metrics, which stay at the site, masked, until
   ``<kind>.secagg_share`` / ``_masked`` / ``_unmask`` (``fedlora.client.secagg_site``); the keys
   are signed with the site's key and checked against the federation CA (``SiteSpec.credentials``).
+  A site whose policy requires secure aggregation (``SitePolicy.require_secure_aggregation``, the
+  default) refuses (code 4203) a ``train`` without the setup, and an ``evaluate`` without it
+  unless its metrics stay at the site, before reading data, training or charging any budget; a
+  setup for a sum it already sent is refused before any work too (``refuse_replay_early``).
 
 A problem at the site (bad data, wrong cohort, non-finite update) becomes an error reply
 whose reason names it; the coordinator logs it and aggregates without that site.
@@ -37,9 +41,9 @@ from flwr.clientapp import ClientApp
 from fedlora.errors import DataError, BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE, SITE_ERROR_CODE, FedloraError, ProtocolError
 from fedlora.files import append_line
 from fedlora.model import LoraRuntime, ModelSpec, get_runtime
-from fedlora.privacy import eval_release
-from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, effective_privacy
-from fedlora.protocol import (ClientDpAsk, EvalKept, EvalMetrics, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, arrays,
+from fedlora.privacy import eval_release, key_signing
+from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, effective_privacy, refuse_clear
+from fedlora.protocol import (ClientDpAsk, EvalKept, EvalMetrics, HelloAsk, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, arrays,
                               read, record_of)
 from fedlora.records import from_record, to_record
 from fedlora.tasks import EncodedExamples
@@ -154,12 +158,32 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
     def query(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         if "config" in msg.content:  # the coordinator names its base model: refuse to join with another
             site_model(msg.content["config"], site)
-        return RecordDict({SiteInfo.record: record_of(SiteInfo(name=site.name, cohort=site.cohort))})
+        info = SiteInfo(name=site.name, cohort=site.cohort)
+        creds = site.credentials
+        if HelloAsk.record in msg.content and creds is not None and creds.signs:  # prove the name with the site's certificate
+            try:
+                key, cert = key_signing.check_own(creds)
+            except key_signing.KeyAuthError as e:
+                raise FedloraError(f"cannot prove this site's name to the coordinator: {e}") from None
+            challenge = read(HelloAsk, msg.content, "query").challenge
+            info = replace(info, cert=key_signing.der(cert), sig=key_signing.sign_hello(key, challenge, site.name, site.cohort))
+        return RecordDict({SiteInfo.record: record_of(info)})
+
+    def before_work(msg: Message, ctx: Context, site: SiteSpec, setup: SecAggSetup | None) -> None:
+        """Before any data is read, anything trained or any budget charged: with a setup, refuse a
+        sum this site already sent (``secagg_site.refuse_replay_early``)."""
+        if setup is not None:
+            kind = msg.metadata.message_type
+            round_ = read(RoundPlan, msg.content, kind).round
+            secagg_site.refuse_replay_early(ctx, setup, secagg_site.SumOf(site.cohort, round_, kind), site.state_dir)
 
     def train(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
+        setup = secagg_setup(msg)
+        if setup is None:  # a site that requires secure aggregation never sends its update in the clear
+            refuse_clear(site.policy, "this round's update and train loss")
+        before_work(msg, ctx, site, setup)
         runtime, plan, eff, data, state = prepare(msg, site)
         ask = read(ClientDpAsk, msg.content, "train")
-        setup = secagg_setup(msg)
         if ask.client_dp and ask.noise == "sites" and setup is None:
             raise PolicyRefused("asked to add only a share of the client-level noise, but without secure aggregation: the "
                                 "coordinator would see this update with 1/m of the noise; nothing released")
@@ -192,8 +216,13 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         return content
 
     def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
-        runtime, plan, eff, data, state = prepare(msg, site)
         setup = secagg_setup(msg)
+        if setup is None and site.policy.require_secure_aggregation:  # in the clear only what never leaves the site
+            asked = effective_privacy(site.policy, read(PrivacyAsk, msg.content, "evaluate"))
+            if (asked.eval_metrics if asked.dp else "public") != "site":
+                refuse_clear(site.policy, "this round's eval metrics")
+        before_work(msg, ctx, site, setup)
+        runtime, plan, eff, data, state = prepare(msg, site)
         res = evaluate_local(runtime, state, data.eval, seed=plan.seed, cohort=site.cohort, labels=data.labels)
         mode = eff.eval_metrics if eff.dp else "public"
         if mode == "site":
@@ -226,6 +255,9 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         handler = guarded(lambda msg, ctx, site, stage=stage: stage(ctx, msg.content))
         app.train(f"secagg_{stage.__name__}")(handler)
         app.evaluate(f"secagg_{stage.__name__}")(handler)
+    check = guarded(lambda msg, ctx, site: secagg_site.check(ctx, msg.content, credentials=site.credentials))
+    app.train("secagg_check")(check)
+    app.evaluate("secagg_check")(check)
     return app
 
 

@@ -154,7 +154,9 @@ class SitePrivacy:
         return after
 
     def record(self, event: DpSgdEvent | EvalNoiseEvent) -> None:
+        """Keep the event, with the delta and budget it is spent under (``fedlora privacy-report --site`` reads them)."""
         self.ledger.record(event)
+        self.ledger.declare(self.site.name, delta=self.delta, delta_rule=self.delta_rule, budget_epsilon=self.eff.epsilon)
         _save(self.ctx, self.path, self.ledger, self.calibration)
 
     def status(self, spent: float | None = None) -> dict[str, Any]:

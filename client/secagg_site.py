@@ -4,8 +4,8 @@ Stage 1 runs inside ``train`` (after local training) or ``evaluate``: the site t
 update (``train_vector``) or its metrics (``eval_vector``) into the integers it will mask
 (``fedlora.privacy.secagg_vector``), keeps them and its protocol secrets in its node state
 (record ``fedlora.secagg``; nothing secret leaves the site), and replies with its two public
-keys instead of the update or the metrics. ``<kind>.secagg_share``, ``<kind>.secagg_masked``
-and ``<kind>.secagg_unmask`` carry stages 2-4.
+keys instead of the update or the metrics. ``<kind>.secagg_share``, ``<kind>.secagg_masked``,
+``<kind>.secagg_check`` and ``<kind>.secagg_unmask`` carry stages 2-4 and the consistency check.
 
 Against an active coordinator every refusal below is a ``FedloraError`` naming the problem,
 raised before anything is revealed (no keys, no shares, no masked vector):
@@ -19,6 +19,13 @@ raised before anything is revealed (no keys, no shares, no masked vector):
   expired, or not a site's), or whose certified name repeats another peer's or is this site's
   own (``key_signing.verify_peers``);
 * stage 3: fewer than t - 1 neighbours' shares (``SecAggSite.masked_input``);
+* the consistency check (``<kind>.secagg_check``, Bonawitz et al. 2017 round 3, when keys are
+  signed): the site signs the survivor set it is shown, once per sum; a second, different set
+  is refused (``check``). Stage 4, at a site with the CA: the set to unmask must be the one it
+  signed, with valid signatures over it from at least t of its group (itself and neighbours
+  whose certificates it checked at stage 2), else it reveals no share (``_check_view``). With a
+  complete graph (k = n - 1, the default up to 8 sites) two views each need t of the same n
+  signers, and an honest site signs one, so no split view gets past 2 t > n + colluders;
 * replay (stages 1 and 3): a site sends at most one masked input per secure sum. It keeps,
   in its node state (record ``fedlora.secagg.sent``), the round ids and the ``(cohort,
   round, kind)`` it has sent a masked input for, and refuses a second sum for either, so two
@@ -53,12 +60,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedlora.errors import FedloraError
 from fedlora.files import write_text_atomic
-from fedlora.privacy import key_signing
+from fedlora.privacy import key_signing, masking
 from fedlora.privacy.key_signing import Credentials, KeyAuthError, KeyContext, SignedKeys
 from fedlora.privacy.quantization import Quantizer
 from fedlora.privacy.secagg import SecAggAbort, SecAggSite, UnmaskRefused, check_parameters, site_from_json, site_to_json
 from fedlora.privacy.secagg_vector import EVAL_LOSS_SCALE, eval_vector, site_vector, site_weight
-from fedlora.protocol import MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, read, record_of
+from fedlora.protocol import (ConsistencyAsk, ConsistencyReply, MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk,
+                              UnmaskReply, read, record_of)
 
 STATE_KEY = "fedlora.secagg"
 SENT_KEY = "fedlora.secagg.sent"
@@ -90,7 +98,9 @@ class SumOf:
 def vector_digest(vector: np.ndarray) -> str:
     """SHA-256 of a vector to mask (its dtype and bytes): the same update, recognised."""
     v = np.ascontiguousarray(vector)
-    return hashlib.sha256(v.dtype.str.encode() + b"\0" + v.tobytes()).hexdigest()
+    h = hashlib.sha256(v.dtype.str.encode() + b"\0")
+    h.update(memoryview(v).cast("B"))  # no copy of the vector
+    return h.hexdigest()
 
 
 @dataclass
@@ -147,6 +157,14 @@ def _refuse_replay(ctx: Context, state_dir: str | Path | None, round_id: str, su
     why = SentSums.load(ctx, state_dir).problem(round_id, sum_of, digest)
     if why:
         raise FedloraError(f"secure aggregation: {why}")
+
+
+def refuse_replay_early(ctx: Context, setup: SecAggSetup, sum_of: SumOf, state_dir: str | Path | None) -> None:
+    """Before any training or DP charge: refuse (``FedloraError`` naming it) a sum this site
+    already sent a masked input for, by round id or by ``sum_of`` (its own cohort, the plan's
+    round, the handler's kind), so a re-asked round costs neither budget nor compute. The
+    vector's digest is checked in ``begin``, once there is a vector."""
+    _refuse_replay(ctx, state_dir, setup.round_id, sum_of, None)
 
 
 def _unique(peers: Sequence[int], what: str) -> None:
@@ -228,6 +246,11 @@ def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray, *, sum_of: SumOf
     vector = np.asarray(vector)
     if vector.dtype.kind != "u":
         raise FedloraError(f"secure aggregation: the vector to mask must hold unsigned integers, got {vector.dtype}")
+    word = masking.word(int(setup.modulus_bits))
+    if vector.dtype.itemsize > word.itemsize:  # kept, hashed and masked in the modulus's machine word (uint32 for m <= 32)
+        if vector.size and int(vector.max()) >> int(setup.modulus_bits):
+            raise FedloraError(f"secure aggregation: the vector to mask has an entry at or above 2^{setup.modulus_bits}")
+        vector = vector.astype(word)
     digest = None if sum_of is not None and sum_of.kind == "evaluate" else vector_digest(vector)
     _refuse_replay(ctx, state_dir, setup.round_id, sum_of, digest)
     site = SecAggSite(node, peers, setup.threshold, setup.modulus_bits, setup.round_id)
@@ -250,8 +273,8 @@ def _load(ctx: Context, round_id: str) -> tuple[SecAggSite, ConfigRecord]:
     return site_from_json(str(rec["site"])), rec
 
 
-def _save(ctx: Context, site: SecAggSite, rec: ConfigRecord) -> None:
-    ctx.state[STATE_KEY] = ConfigRecord({**dict(rec), "site": site_to_json(site)})
+def _save(ctx: Context, site: SecAggSite, rec: ConfigRecord, **more: str) -> None:
+    ctx.state[STATE_KEY] = ConfigRecord({**dict(rec), "site": site_to_json(site), **more})
 
 
 def _sum_of(rec: ConfigRecord) -> SumOf | None:
@@ -261,9 +284,9 @@ def _sum_of(rec: ConfigRecord) -> SumOf | None:
 
 def _protocol(fn):
     @functools.wraps(fn)
-    def run(ctx: Context, content: RecordDict) -> RecordDict:
+    def run(ctx: Context, content: RecordDict, **kw: Any) -> RecordDict:
         try:
-            return fn(ctx, content)
+            return fn(ctx, content, **kw)
         except (SecAggAbort, UnmaskRefused) as e:
             raise FedloraError(f"secure aggregation: {e}") from None
     return run
@@ -276,27 +299,30 @@ def share(ctx: Context, content: RecordDict) -> RecordDict:
     req = read(ShareAsk, content, "secagg_share")
     site, rec = _load(ctx, req.round_id)
     _unique(req.peers, "relayed key list")
-    _authenticate(req, rec)
+    peer_certs = _authenticate(req, rec)
     keys = {p: (c, s) for p, c, s in zip(req.peers, req.c_pk, req.s_pk, strict=True)}
     boxes = site.share_keys(keys)
-    _save(ctx, site, rec)
+    _save(ctx, site, rec, peer_certs=json.dumps(peer_certs))
     return RecordDict({ShareReply.record: record_of(ShareReply(peers=tuple(boxes), ciphertexts=tuple(boxes.values())))})
 
 
-def _authenticate(req: ShareAsk, rec: ConfigRecord) -> None:
+def _authenticate(req: ShareAsk, rec: ConfigRecord) -> dict[str, list[str]]:
     """Refuse (``FedloraError`` naming the peer and why, before any share is made) relayed keys
     that do not verify against this site's CA: ``key_signing.verify_peers`` with the site's own
-    round id, sum and name. Nothing to check for a site without the CA (an old configuration)."""
+    round id, sum and name. Returns peer node id -> (certified name, certificate DER as hex),
+    which the consistency check verifies the peers' survivor signatures with. Nothing to check
+    (and {} returned) for a site without the CA (an old configuration)."""
     ca = str(rec.get("ca", ""))
     if not ca:
-        return
+        return {}
     certs = req.certs or (b"",) * len(req.peers)
     sigs = req.sigs or (b"",) * len(req.peers)
     peers = {p: SignedKeys(c, s, sig, cert) for p, c, s, sig, cert in zip(req.peers, req.c_pk, req.s_pk, sigs, certs, strict=True)}
     try:
-        key_signing.verify_peers(peers, ca, key_context(str(rec["round_id"]), _sum_of(rec)), str(rec.get("name", "")))
+        names = key_signing.verify_peers(peers, ca, key_context(str(rec["round_id"]), _sum_of(rec)), str(rec.get("name", "")))
     except KeyAuthError as e:
         raise FedloraError(f"secure aggregation: {e}; refusing to share with it (nothing revealed)") from None
+    return {str(p): [names[p], peers[p].cert.hex()] for p in names}
 
 
 @_protocol
@@ -317,17 +343,93 @@ def masked(ctx: Context, content: RecordDict) -> RecordDict:
     y = site.masked_input(np.frombuffer(rec["vector"], dtype=np.dtype(str(rec["dtype"]))))
     sent.add(req.round_id, sum_of, digest)
     sent.save(ctx, state_dir)
-    _save(ctx, site, rec)
+    _save(ctx, site, rec, masked_sent="1")
     wire = np.dtype(req.wire_dtype).newbyteorder("<")
     arr = Array(dtype=wire.name, shape=(len(y),), stype=MASKED_STYPE, data=y.astype(wire, copy=False).tobytes())
     return RecordDict({"masked": ArrayRecord({"y": arr})})
 
 
+def view_digest(survivors: Sequence[int], dropped: Sequence[int]) -> str:
+    """SHA-256 of one view of who survived (sorted survivors, sorted dropped)."""
+    return hashlib.sha256(json.dumps([sorted(int(x) for x in survivors), sorted(int(x) for x in dropped)]).encode()).hexdigest()
+
+
+def _view_problem(node: int, survivors: Sequence[int], dropped: Sequence[int]) -> str:
+    if len(set(survivors)) != len(survivors) or len(set(dropped)) != len(dropped):
+        return "the survivor or dropped list names a site twice"
+    if set(survivors) & set(dropped):
+        return f"sites {sorted(set(survivors) & set(dropped))[:8]} are named both survived and dropped"
+    if node not in survivors:
+        return "this site sent its masked input but is not counted among the survivors (its key share would unmask it)"
+    return ""
+
+
+@_protocol
+def check(ctx: Context, content: RecordDict, *, credentials: Credentials | None = None) -> RecordDict:
+    """The consistency check (Bonawitz et al. 2017, round 3), between stage 3 and stage 4: the
+    coordinator shows the survivor set it will unmask; this site signs it, once per sum
+    (``key_signing.sign_survivors``, bound to the round id, its sum and its name). Refused (no
+    signature) when the set is malformed, does not count this site although it sent its masked
+    input, or differs from a set it already signed for this sum (a split view). A site that
+    cannot sign replies with an empty signature (its peers with the CA will then not count it)."""
+    req = read(ConsistencyAsk, content, "secagg_check")
+    _, rec = _load(ctx, req.round_id)
+    node = int(ctx.node_id)
+    if not str(rec.get("masked_sent", "")):
+        raise FedloraError("secure aggregation: asked to sign a survivor set before this site sent its masked input")
+    problem = _view_problem(node, req.survivors, req.dropped)
+    if problem:
+        raise FedloraError(f"secure aggregation: consistency check refused: {problem}")
+    digest = view_digest(req.survivors, req.dropped)
+    signed = str(rec.get("view", ""))
+    if signed and signed != digest:
+        raise FedloraError("secure aggregation: asked to sign a second, different survivor set for the same sum (a split view "
+                           "of who survived); refused, nothing more revealed")
+    sig = b""
+    if credentials is not None and credentials.signs:
+        try:
+            key, _ = key_signing.check_own(credentials)
+        except KeyAuthError as e:
+            raise FedloraError(f"secure aggregation: {e}") from None
+        sig = key_signing.sign_survivors(key, key_context(req.round_id, _sum_of(rec)), credentials.name, req.survivors, req.dropped)
+    ctx.state[STATE_KEY] = ConfigRecord({**dict(rec), "view": digest})
+    return RecordDict({ConsistencyReply.record: record_of(ConsistencyReply(sig=sig))})
+
+
+def _check_view(node: int, threshold: int, req: UnmaskAsk, rec: ConfigRecord) -> None:
+    """Before stage 4, at a site with the CA: the set to unmask is the one it signed, and at least
+    t of its group (itself and the neighbours whose certificates it checked at stage 2) signed that
+    same set (``UnmaskRefused`` otherwise, naming how many did)."""
+    if not str(rec.get("ca", "")):
+        return
+    signed = str(rec.get("view", ""))
+    if not signed:
+        raise UnmaskRefused(f"site {node}: asked to unmask without the consistency check (this site signed no survivor set)")
+    if view_digest(req.survivors, req.dropped) != signed:
+        raise UnmaskRefused(f"site {node}: the survivor set to unmask differs from the one this site signed (a split view)")
+    certs = json.loads(str(rec.get("peer_certs", "") or "{}"))
+    context, alive = key_context(str(rec["round_id"]), _sum_of(rec)), set(req.survivors)
+    confirmed = {node}
+    for signer, sig in zip(req.signers, req.sigs, strict=True):
+        if len(confirmed) >= threshold:
+            break
+        entry = certs.get(str(signer))
+        if signer in confirmed or signer not in alive or entry is None:
+            continue
+        if key_signing.survivors_signed(bytes.fromhex(entry[1]), sig, context, entry[0], req.survivors, req.dropped):
+            confirmed.add(signer)
+    if len(confirmed) < threshold:
+        raise UnmaskRefused(f"site {node}: only {len(confirmed)} of its group (itself included) signed this survivor set, below "
+                            f"the threshold {threshold}; refusing to unmask")
+
+
 @_protocol
 def unmask(ctx: Context, content: RecordDict) -> RecordDict:
-    """Stage 4: the b share of each surviving neighbour, the key share of each dropped one."""
+    """Stage 4: the b share of each surviving neighbour, the key share of each dropped one. A site
+    with the CA first checks the consistency round's signatures (``_check_view``)."""
     req = read(UnmaskAsk, content, "secagg_unmask")
     site, rec = _load(ctx, req.round_id)
+    _check_view(int(ctx.node_id), int(site.threshold), req, rec)
     shares = site.unmask(list(req.survivors), list(req.dropped))
     _save(ctx, site, rec)
     peers = tuple(shares)

@@ -21,6 +21,18 @@ from fedlora.privacy.policy import SitePolicy
 from fedlora.tasks.base import SiteColumns
 
 
+def _flag(value: Any, key: str) -> bool:
+    """A yes/no node config value: a bool, or "true"/"false" (also 1/0, yes/no); anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ValueError(f"{key} = {value!r} must be true or false")
+
+
 def _whole(value: Any, key: str) -> int:
     """A whole number from a node config value (``2.7`` or ``"2.7"`` is refused, not truncated)."""
     f = float(value)
@@ -45,7 +57,7 @@ class SiteSpec:
     device: str = ""  # this site's device (auto, cpu, cuda, cuda:N); "" = the process default
     policy: SitePolicy = field(default_factory=SitePolicy)  # the site's own privacy policy (fedlora.privacy.policy)
     identity: str = ""  # the site's key identity (deployment: its public key's fingerprint); "" = sim:<name>
-    signing_key: str = field(default="", repr=False)  # its EC P-384 private key (PEM or OpenSSH text); "" = none
+    signing_key: str = field(default="", repr=False)  # its EC P-256 (or P-384) private key (PEM or OpenSSH text); "" = none
     certificate: str = ""  # its certificate from the federation CA, CN = name (PEM); "" = none
     ca: str = ""  # the federation CA certificate (PEM); "" = peers' SecAgg keys are not checked
 
@@ -76,7 +88,8 @@ class SiteSpec:
         ``site-name``, ``domain``, ``data-path``, ``text-column``, ``label-column``, ``prompt-column``,
         ``response-column``, ``messages-column``, ``state-dir``,
         ``model``, ``device``, ``identity``, the policy: ``epsilon``, ``delta``, ``accountant``,
-        ``eval-metrics``, ``public-size``, and the paths of the signing material (read here):
+        ``eval-metrics``, ``public-size``, ``allow-clear-aggregation`` (default false: the site
+        requires secure aggregation and never sends an update or a metric in the clear), and the paths of the signing material (read here):
         ``signing-key`` (the site's ``.key``), ``cert`` (its ``.crt``), ``ca`` (``ca.pem``); key
         and certificate come together or not at all. Reproducible noise is never read from
         here: it exists in simulation only."""
@@ -89,7 +102,9 @@ class SiteSpec:
             policy = SitePolicy(epsilon=float(node_config.get("epsilon", 0.0)), max_delta=float(node_config.get("delta", 0.0)),
                                 accountant=str(node_config.get("accountant", "")),
                                 eval_metrics=str(node_config.get("eval-metrics", "site")),
-                                public_size=_whole(node_config.get("public-size", 0), "public-size"), persistent=bool(state_dir))
+                                public_size=_whole(node_config.get("public-size", 0), "public-size"), persistent=bool(state_dir),
+                                require_secure_aggregation=not _flag(node_config.get("allow-clear-aggregation", False),
+                                                                     "allow-clear-aggregation"))
         except (ValueError, FedloraError) as e:
             raise ConfigError("node-config", dict(node_config), f"the site's privacy policy: {e}") from None
         return cls(name=str(node_config.get("site-name") or domain), cohort=domain, data_path=str(node_config["data-path"]),

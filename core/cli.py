@@ -1,6 +1,7 @@
 """The ``fedlora`` command line.
 
-``fedlora privacy-report RUN_DIR``: what every site spent, recomputed from the run's ledger.
+``fedlora privacy-report RUN_DIR``: what every site spent, recomputed from the run's ledger;
+``fedlora privacy-report --site STATE_DIR``: one site's spend, from its own ledger.
 
 ``fedlora certs`` / ``fedlora server`` / ``fedlora client``: a real deployment (``cli_deploy``).
 
@@ -12,7 +13,9 @@ describes the run and flags override it; the whole config is validated before an
 
 Exit codes: 0 done; 2 bad config or flags; 3 bad data; 4 model problem; 5 bad adapter
 payload; 6 the federation could not complete; 7 a DP self-check failed; 8 privacy budget
-exhausted; 9 deployment (processes, connection, certificates, keys); 130 interrupted.
+exhausted; 9 deployment (processes, connection, certificates, keys); 10 the run finished but
+skipped a cohort (fewer sites than secure aggregation needs; ``--allow-clear-aggregation``
+aggregates such a cohort in the clear instead); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -25,7 +28,31 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import DEMO_DOMAINS, RunConfig, apply_overrides, config_from_dict, load_config
-from .errors import ConfigError, FedloraError
+from .errors import ConfigError, FedloraError, RunIncomplete
+
+CLEAR_WARNING = """
+******************************************************************************
+ WARNING: --allow-clear-aggregation: a cohort with fewer than
+ secure_aggregation.min_sites sites is aggregated IN THE CLEAR: the coordinator
+ sees each of its sites' updates, train losses and eval metrics. Without the
+ flag such a cohort is skipped. {who}
+******************************************************************************
+"""
+
+
+def warn_clear(cfg: RunConfig, who: str = "") -> None:
+    """The loud warning when a run allows clear aggregation of small cohorts."""
+    if cfg.secure_aggregation.enabled and cfg.secure_aggregation.allow_clear:
+        print(CLEAR_WARNING.format(who=who), file=sys.stderr, flush=True)
+
+
+def check_complete(summary: dict[str, Any]) -> None:
+    """Raise ``RunIncomplete`` (exit code 10, one line naming them) when the run skipped cohorts."""
+    skipped = {c: summary["cohorts"][c].get("skipped", "") for c in summary.get("cohorts_skipped") or []}
+    if skipped:
+        from fedlora.server.run_summary import incomplete_message
+
+        raise RunIncomplete(incomplete_message(skipped))
 
 
 def _data_arg(text: str) -> tuple[str, str]:
@@ -72,8 +99,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-dp", action=argparse.BooleanOptionalAction, default=None,
                    help="client-level DP: clip each site's update, add noise to each cohort's sum (default off)")
     p.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=None,
-                   help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites (default on; --no-secure-aggregation "
-                        "aggregates every cohort in the clear)")
+                   help="SecAgg+ for cohorts of at least secure_aggregation.min_sites sites, smaller ones skipped (default on; "
+                        "--no-secure-aggregation aggregates every cohort in the clear, which deployed sites accept only when "
+                        "started with --allow-clear-aggregation)")
+    p.add_argument("--allow-clear-aggregation", action="store_true", default=None,
+                   help="aggregate a cohort with fewer than secure_aggregation.min_sites sites IN THE CLEAR (loud warning); "
+                        "default: such a cohort is skipped and the run exits with code 10")
     p.add_argument("--grad-sample-mode", choices=["hooks", "ghost"], help="Opacus per-sample gradient mode for DP-SGD (default hooks)")
     p.add_argument("--eval-metrics", choices=["site", "noised", "public"],
                    help="under DP, what sites do with eval metrics: keep them (default), release them noised (charged), or "
@@ -113,10 +144,15 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_deploy import add_deploy_parsers
 
     add_deploy_parsers(sub)
-    r = sub.add_parser("privacy-report", help="what every site spent (JSON, Markdown, HTML with a plot)",
-                       description="Recompute every site's privacy spend from a run directory's ledger; works on a run in progress.")
-    r.add_argument("run_dir", metavar="RUN_DIR")
-    r.add_argument("--out", help="where to write privacy.json/.md/.html/.png (default: RUN_DIR)")
+    r = sub.add_parser("privacy-report", help="what every site spent (JSON, Markdown, HTML with a plot), or one site's own account",
+                       description="Recompute every site's privacy spend from a run directory's ledger; works on a run in progress. "
+                                   "With --site STATE_DIR instead: one site's spend per cohort and round from its own ledger.")
+    r.add_argument("run_dir", metavar="RUN_DIR", nargs="?")
+    r.add_argument("--out", help="where to write privacy.json/.md/.html/.png, or with --site site-privacy.json/.md "
+                                 "(default: RUN_DIR or STATE_DIR)")
+    r.add_argument("--site", metavar="STATE_DIR", help="a site's state folder (fedlora client --state-dir): report its own ledger")
+    r.add_argument("--epsilon", type=float, help="with --site: the site's budget, when its ledger does not record it")
+    r.add_argument("--delta", type=float, help="with --site: the site's delta, when its ledger does not record it (else 1e-5, said so)")
     from .cli_generate import add_generate_parser
 
     add_generate_parser(sub)
@@ -136,6 +172,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
         "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm, "privacy.client_dp": args.client_dp,
         "privacy.grad_sample_mode": args.grad_sample_mode, "secure_aggregation.enabled": args.secure_aggregation,
+        "secure_aggregation.allow_clear": getattr(args, "allow_clear_aggregation", None),
         "privacy.eval_metrics": args.eval_metrics, "privacy.reproducible_noise": getattr(args, "reproducible_noise", None),
         "cohorts.*.sites": args.sites, "cohorts.*.text_column": getattr(args, "text_column", None),
         "cohorts.*.label_column": getattr(args, "label_column", None),
@@ -180,7 +217,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                               "cannot be combined with --resume: a resumed run keeps the config it started with")
         run_dir, summary = resume(args.resume, progress=not args.quiet)
     else:
-        run_dir, summary = simulate(simulate_config(args), progress=not args.quiet)
+        cfg = simulate_config(args)
+        warn_clear(cfg)
+        run_dir, summary = simulate(cfg, progress=not args.quiet)
     if args.quiet:
         print(json.dumps(summary, sort_keys=True))
     else:
@@ -188,17 +227,43 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         for name, c in summary["cohorts"].items():
             shown = [f"{k.replace('_', ' ')} {c[k]:.3f}" for k in ("accuracy", "majority_baseline", "eval_loss", "perplexity")
                      if isinstance(c.get(k), (int, float))]
-            print(f"  {name:<10} {'   '.join(shown)}   sites {len(c['sites'])}")
+            print(f"  {name:<10} SKIPPED: {c['skipped']}" if c.get("skipped") else f"  {name:<10} {'   '.join(shown)}   sites {len(c['sites'])}")
         for site, p in summary.get("privacy", {}).get("sites", {}).items():
             print(f"  {site:<14} epsilon {p['epsilon']:.3f} of {p['budget_epsilon']:g} (delta {p['delta']:.1g}), rounds {p['rounds_joined']}")
         print(f"  rounds {summary['rounds_completed']}, bytes up {summary['bytes_up']:,}, down {summary['bytes_down']:,}, "
               f"{summary['wall_seconds']:.1f} s")
+    check_complete(summary)
+    return 0
+
+
+def _cmd_site_privacy_report(args: argparse.Namespace) -> int:
+    from fedlora.privacy.site_report import write_site_report
+
+    r, paths = write_site_report(args.site, args.out, budget_epsilon=args.epsilon, delta=args.delta)
+    print(r["headline"])
+    for cohort, v in r["cohorts"].items():
+        eps = "inf (no guarantee)" if v["epsilon"] is None else f"{v['epsilon']:.3f}"
+        print(f"  cohort {cohort:<12} epsilon {eps} on its own, rounds {v['rounds_joined']}")
+    budget = "" if r["budget_epsilon"] is None else f" of {r['budget_epsilon']:g}"
+    for x in r["rounds"]:
+        eps = "inf (no guarantee)" if x["epsilon_after"] is None else f"{x['epsilon_after']:.3f}"
+        print(f"  round {x['round']:<4} {', '.join(x['cohorts']):<14} epsilon so far {eps}{budget}")
+    print(f"  delta {r['delta']:.2g} ({r['delta_rule']}); budget: {r['budget_source']}")
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
 def _cmd_privacy_report(args: argparse.Namespace) -> int:
     from fedlora.privacy.report import write_report
 
+    if (args.site is None) == (args.run_dir is None):
+        raise ConfigError("privacy-report", args.run_dir or args.site, "give a RUN_DIR, or --site STATE_DIR for one site's own "
+                                                                      "ledger (not both)")
+    if args.site is not None:
+        return _cmd_site_privacy_report(args)
+    if args.epsilon is not None or args.delta is not None:
+        raise ConfigError("--epsilon" if args.epsilon is not None else "--delta", "given", "only with --site: a run's report "
+                                                                                           "uses what each site declared")
     paths = write_report(args.run_dir, args.out)
     report = json.loads(paths[0].read_text(encoding="utf-8"))
     state = "complete" if report["complete"] else "in progress or stopped"
@@ -208,6 +273,8 @@ def _cmd_privacy_report(args: argparse.Namespace) -> int:
         budget = f" of {v['budget_epsilon']:g}" if v.get("budget_epsilon") is not None else ""
         print(f"  {site:<16} epsilon {eps}{budget}  rounds {v['rounds_joined']}")
     for cohort, v in report["cohorts"].items():
+        if v.get("skipped"):
+            print(f"  {cohort:<16} SKIPPED, nothing released: {v['skipped']}")
         if v.get("client_level"):
             print(f"  {cohort:<16} client-level epsilon {v['client_level']['epsilon']} (delta {v['client_level']['delta']:.1g})")
     for d in report["deviations"]:

@@ -8,6 +8,8 @@ BUDGET_EXHAUSTED_CODE = 4202  # the round would exceed the site's privacy budget
 POLICY_REFUSED_CODE = 4203  # the coordinator asked for less privacy than the site's policy allows
 PROTOCOL_ERROR_CODE = 4204  # the message is malformed (a key missing, of the wrong type, unknown)
 
+INCOMPLETE_EXIT = 10  # the run finished, but some cohort was skipped (too few sites for secure aggregation)
+
 
 class FedloraError(Exception):
     """Base of every error fedlora reports to a user (printed as one line, non-zero exit)."""
@@ -60,6 +62,13 @@ class ProtocolError(FedloraError):
     """A message does not follow ``fedlora.protocol``: a key missing, of the wrong type, or unknown."""
 
     exit_code = 5
+
+
+class RunIncomplete(FedloraError):
+    """The run finished and wrote everything, but some cohort was skipped (named in the message,
+    in ``summary.json`` and in ``metrics.jsonl``): it trained nothing."""
+
+    exit_code = INCOMPLETE_EXIT
 
 
 class RunInterrupted(FedloraError):

@@ -108,7 +108,15 @@ class SecureAggregationConfig:
     (``"clear"``) or not asked for (``"none"``). A stage whose replies have not all come within
     ``stage_timeout`` seconds goes on without the late sites (dropped); below the threshold the
     round aborts.
-    ``neighbours`` / ``threshold`` 0 choose automatically (see ``fedlora.server.secure_round``)."""
+    ``neighbours`` / ``threshold`` 0 choose automatically (see ``fedlora.server.secure_round``);
+    an explicit threshold below what the sites accept (``fedlora.privacy.secagg.threshold_floor``)
+    is refused before any round.
+
+    Fail closed: a cohort with fewer than ``min_sites`` sites at discovery is skipped for the
+    whole run (nothing is sent to its sites, it is named in ``metrics.jsonl``, ``summary.json``
+    and the privacy report, and the CLI exits non-zero), never aggregated in the clear, unless
+    ``allow_clear`` (``--allow-clear-aggregation``) says so. In simulation the virtual sites'
+    policies follow: they require secure aggregation unless it is off or ``allow_clear``."""
 
     enabled: bool = True
     neighbours: int = 0  # k; 0: everyone up to 8 sites, else the even number >= 2 log2(n)
@@ -116,12 +124,14 @@ class SecureAggregationConfig:
     clip_range: float = 1.0
     bits: int = 20
     weight_scale: float = 1000.0
-    min_sites: int = 3  # smaller cohorts aggregate in the clear, and the run says so
+    min_sites: int = 3  # smaller cohorts are skipped (or, with allow_clear, aggregated in the clear)
+    allow_clear: bool = False  # a cohort below min_sites aggregates in the clear (loud warning) instead of being skipped
     metrics: str = "secure"  # secure | clear | none: how the sites' eval metrics reach the coordinator
     stage_timeout: float = 300.0  # seconds a protocol stage waits for the sites' replies
 
     def __post_init__(self) -> None:
-        require(isinstance(self.enabled, bool), "secure_aggregation.enabled", self.enabled, "must be true or false")
+        for key in ("enabled", "allow_clear"):
+            require(isinstance(getattr(self, key), bool), f"secure_aggregation.{key}", getattr(self, key), "must be true or false")
         for key, lo, hi in (("neighbours", 0, 10_000), ("threshold", 0, 10_000), ("bits", 2, 40), ("min_sites", 2, 10_000)):
             v = getattr(self, key)
             require(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"secure_aggregation.{key}", v,
@@ -133,3 +143,12 @@ class SecureAggregationConfig:
                 "must be >= 1: each site's weight w and its loss term w * loss / 64 lie in [0, 1] and are quantised within "
                 "[-clip_range, clip_range]; a smaller range clips them and biases the secure mean and train loss")
         one_of("secure_aggregation.metrics", self.metrics, ("secure", "clear", "none"))
+        require(not (self.enabled and self.metrics == "clear" and not self.allow_clear), "secure_aggregation.metrics", self.metrics,
+                "sends every site's eval metrics in the clear, which sites that require secure aggregation (the default) refuse: "
+                "use \"secure\" or \"none\", or set secure_aggregation.allow_clear = true (--allow-clear-aggregation)")
+
+    @property
+    def sites_require_it(self) -> bool:
+        """Whether the simulated sites' own policies require secure aggregation (the researcher
+        owns every simulated site): on, and clear aggregation not allowed."""
+        return self.enabled and not self.allow_clear

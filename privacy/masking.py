@@ -1,10 +1,13 @@
 """Pseudo-random masks for secure aggregation from a cryptographic keystream.
 
-``mask(seed, n, bits)`` expands a full 256-bit seed with ChaCha20 (RFC 7539 keystream of the
-`cryptography` package, zero nonce: every seed is used for exactly one mask) into n values,
+``mask(seed, n, bits)`` expands a full 256-bit seed with AES-256 in counter mode (the keystream of
+the `cryptography` package, the seed as key, zero initial counter: every seed is used for exactly
+one mask, so no counter block repeats under one key) into n values,
 each the low ``bits`` bits of a little-endian 32- or 64-bit word: uniform on [0, 2^bits).
 Unlike Flower's SecAgg+ (a 32-bit seed for numpy's MT19937), nothing of the seed is lost and
-the generator is a stream cipher.
+the generator is a block cipher in counter mode (AES-256-CTR runs at about twice ChaCha20's speed
+on CPUs with AES instructions: 0.68 against 1.43 ms per 4 MB here, and a site expands k + 1 masks
+per round).
 
 Masking works in the integers modulo ``2^bits``. For speed, masks are added in place in a
 machine word (``word``: uint32 for ``bits <= 32``, else uint64), whose natural wrap-around is
@@ -15,10 +18,16 @@ word view of the cipher's output, used without a copy.
 
 from __future__ import annotations
 
-import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+import functools
 
-_NONCE = bytes(16)  # ChaCha20 in `cryptography`: 4-byte counter + 12-byte nonce, both zero
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+_NONCE = bytes(16)  # the initial counter block: zero (each key makes one mask)
+
+
+def _cipher(seed: bytes) -> Cipher:
+    return Cipher(algorithms.AES(seed), modes.CTR(_NONCE))
 
 
 def word(bits: int) -> np.dtype:
@@ -27,15 +36,21 @@ def word(bits: int) -> np.dtype:
 
 
 def keystream(seed: bytes, n: int, bits: int) -> np.ndarray:
-    """n words of ChaCha20 keystream from a 32-byte seed (read-only, not yet reduced modulo
+    """n words of AES-256-CTR keystream from a 32-byte seed (read-only, not yet reduced modulo
     2^bits: its low ``bits`` bits are the mask)."""
     if len(seed) != 32:
         raise ValueError(f"a mask seed has 32 bytes, got {len(seed)}")
     if not 1 <= bits <= 64:
         raise ValueError(f"bits must be in [1, 64], got {bits}")
     w = word(bits).newbyteorder("<")
-    stream = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update(bytes(n * w.itemsize))
+    stream = _cipher(seed).encryptor().update(bytes(n * w.itemsize))
     return np.frombuffer(stream, dtype=w)
+
+
+@functools.lru_cache(maxsize=2)
+def _zeros(size: int) -> bytes:
+    """The cipher's all-zero plaintext of ``size`` bytes, made once per size (immutable, shared)."""
+    return bytes(size)
 
 
 class MaskStream:
@@ -47,13 +62,13 @@ class MaskStream:
         if not 1 <= bits <= 64:
             raise ValueError(f"bits must be in [1, 64], got {bits}")
         self.n, self.word = n, word(bits).newbyteorder("<")
-        self._zeros = bytes(n * self.word.itemsize)
+        self._zeros = _zeros(n * self.word.itemsize)
         self._buf = bytearray(len(self._zeros) + 64)
 
     def _stream(self, seed: bytes) -> np.ndarray:
         if len(seed) != 32:
             raise ValueError(f"a mask seed has 32 bytes, got {len(seed)}")
-        Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor().update_into(self._zeros, self._buf)
+        _cipher(seed).encryptor().update_into(self._zeros, self._buf)
         return np.frombuffer(self._buf, dtype=self.word, count=self.n)
 
     def add(self, acc: np.ndarray, seed: bytes) -> None:

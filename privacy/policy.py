@@ -18,6 +18,13 @@ Knob by knob, ``effective_privacy`` takes the more private of policy and request
 * eval metrics: the more private of ``site`` (kept at the site) > ``noised`` (Gaussian noise
   at the site, charged) > ``public`` (released outside the guarantee);
 * the accountant: the policy's, else the request's (both are valid upper bounds).
+* secure aggregation (``require_secure_aggregation``, default on): the site never sends an
+  update, a train loss or an eval metric in the clear. A ``train`` without a secure-aggregation
+  setup is refused (``PolicyRefused``, 4203) before any data is read, anything trained or any
+  budget charged; an ``evaluate`` without one too, unless nothing leaves the site (eval metrics
+  ``site``). The coordinator cannot weaken it: only the site's own ``fedlora client
+  --allow-clear-aggregation`` (in simulation ``secure_aggregation.allow_clear``, or secure
+  aggregation off for the run) does (``refuse_clear``).
 
 Sizes: under DP the site never reports its exact record count. Everything that depends on a size
 (sampling rate, steps, automatic delta, aggregation weight, the count it reports) uses its
@@ -55,6 +62,7 @@ class SitePolicy:
     public_size: int = 0  # 0: the training-set size rounded to 2 significant figures
     reproducible_noise: bool = False  # research only (simulation): seeded noise, no guarantee against the seed's holder
     persistent: bool = True  # the site keeps its ledger in a state folder (required for DP in deployment)
+    require_secure_aggregation: bool = True  # never send an update, a loss or a metric in the clear
 
     def __post_init__(self) -> None:
         def bad(key: str, value: object, expected: str) -> None:
@@ -72,6 +80,8 @@ class SitePolicy:
             bad("eval_budget_fraction", self.eval_budget_fraction, "must be in (0, 1)")
         if not (isinstance(self.public_size, int) and self.public_size >= 0):
             bad("public_size", self.public_size, "must be a non-negative integer")
+        if not isinstance(self.require_secure_aggregation, bool):
+            bad("require_secure_aggregation", self.require_secure_aggregation, "must be true or false")
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,18 @@ class EffectivePrivacy:
     accountant: str
     grad_sample_mode: str
     eval_metrics: str
+
+
+CLEAR_WAY_OUT = ("to allow it, start the site with fedlora client --allow-clear-aggregation (node config "
+                 "allow-clear-aggregation = true); in simulation set secure_aggregation.allow_clear = true")
+
+
+def refuse_clear(policy: SitePolicy, what: str) -> None:
+    """Refuse (``PolicyRefused``, code 4203) to send ``what`` in the clear when the policy
+    requires secure aggregation; nothing is trained, charged or released."""
+    if policy.require_secure_aggregation:
+        raise PolicyRefused(f"asked to send {what} in the clear (no secure-aggregation setup), but this site's policy requires "
+                            f"secure aggregation (require_secure_aggregation); nothing trained, nothing released; {CLEAR_WAY_OUT}")
 
 
 def public_size(n: int, declared: int = 0) -> int:

@@ -60,6 +60,7 @@ LABELS: dict[str, str] = {
     "secagg.keys": "public keys",
     "secagg.shares": "encrypted key shares",
     "secagg.masked": "masked vector",
+    "secagg.check": "survivor-set signature",
     "secagg.unmask": "unmasking shares",
 }
 
@@ -220,12 +221,14 @@ def release_catalogue(privacy: Mapping[str, Any], secure_aggregation: Mapping[st
                     " uniformly random on its own; the "
                     "coordinator learns only the cohort's sum, which reveals no more than each input", update.status, update.covered_by,
                     "cohort sum", update.note),
+            Release("secagg.check", "secagg", "its signature over the set of sites whose masked vectors the coordinator will unmask "
+                    "(the consistency check: about the protocol, not the data)", "declared public", "policy.secure_aggregation"),
             Release("secagg.unmask", "secagg", "the shares it reveals to unmask the sum (survivors' mask seeds, dropped neighbours' "
                     "keys): they reveal the sum only", "declared public", "policy.secure_aggregation"),
         ]
     else:
         out += [kept(n, "secagg", f"{LABELS[n]}: not sent (secure aggregation is off)", "not sent")
-                for n in ("secagg.keys", "secagg.shares", "secagg.masked", "secagg.unmask")]
+                for n in ("secagg.keys", "secagg.shares", "secagg.masked", "secagg.check", "secagg.unmask")]
 
     if bool(privacy["reproducible_noise"]):
         out = [replace(r, status="no guarantee", note=SEED_REASON) if r.status == "accounted" else r for r in out]

@@ -10,7 +10,7 @@ words, the accounting method and the sampling assumption, steps, noise and clipp
 released outside the guarantee (every release of ``fedlora.privacy.releases``, each under
 accounted / declared public / not released / no guarantee), and whether hyper-parameters were
 tuned on private data. First a one-line ``headline``, then ``warnings`` (reproducible noise, q = 1,
-tiny sites, cohorts aggregated in the clear, utility at the majority baseline, sites over budget),
+tiny sites, cohorts aggregated in the clear, cohorts skipped, utility at the majority baseline, sites over budget),
 each cohort's accuracy next to its majority baseline, and the provenance (fedlora version, sha256
 of ``config.toml``, date).
 
@@ -122,6 +122,17 @@ def _final_utility(cohort: str, summary: Mapping[str, Any] | None, lines: Sequen
     return out
 
 
+def _skipped(summary: Mapping[str, Any] | None, lines: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Cohort -> why it was skipped for the run (fail closed: too few sites for secure
+    aggregation): from summary.json (``cohorts_skipped``), else from the first metrics line (a
+    run in progress), whose entry of a skipped cohort is ``{"skipped": reason}``."""
+    if summary is not None and "cohorts_skipped" in summary:
+        cohorts = summary.get("cohorts") or {}
+        return {c: str((cohorts.get(c) or {}).get("skipped") or "skipped") for c in summary["cohorts_skipped"]}
+    first = next((line for line in lines if line.get("round") == 0), None) or {}
+    return {c: str(e["skipped"]) for c, e in (first.get("cohorts") or {}).items() if e.get("skipped")}
+
+
 def _public_size(site: Mapping[str, Any], batch_size: int | None) -> tuple[int | None, str]:
     """A site's public size: declared (``public_size``, or in its ``policy``), else estimated
     as the expected batch / q (at most the batch where q = 1)."""
@@ -146,9 +157,13 @@ def _release_groups(privacy: Mapping[str, Any], secagg: Mapping[str, Any], sites
                     cohorts: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Sites grouped by their catalogue of releases: sites with DP events under their own
     declared policy, the others under the run's config; a site of a cohort aggregated in the
-    clear with secure aggregation off."""
+    clear with secure aggregation off; the sites of skipped cohorts in one group that released
+    nothing (``"skipped": True``, no releases)."""
     groups: dict[str, dict[str, Any]] = {}
     for name, s in sites.items():
+        if (cohorts.get(s.get("cohort")) or {}).get("skipped"):
+            groups.setdefault("skipped", {"sites": [], "dp": False, "releases": [], "skipped": True})["sites"].append(name)
+            continue
         p = _site_privacy(privacy, s) if s.get("events") else dict(privacy)
         secure = (cohorts.get(s.get("cohort")) or {}).get("secure_aggregation")
         sa = {**secagg, "enabled": False} if secure is False else secagg
@@ -186,8 +201,12 @@ def _headline(r: Mapping[str, Any], reproducible: bool) -> str:
     if client:
         parts.append("client-level epsilon " + ", ".join(f"{c} {_eps(v['epsilon'])}" for c, v in client.items()))
     clear = [c for c, v in r["cohorts"].items() if v.get("secure_aggregation") is False]
-    if r["cohorts"]:
-        parts.append("every cohort securely aggregated" if not clear else f"aggregated in the clear: {', '.join(clear)}")
+    skipped = [c for c, v in r["cohorts"].items() if v.get("skipped")]
+    if len(skipped) < len(r["cohorts"]):
+        every = "every cohort that trained" if skipped else "every cohort"
+        parts.append(f"{every} securely aggregated" if not clear else f"aggregated in the clear: {', '.join(clear)}")
+    if skipped:
+        parts.append(f"SKIPPED (too few sites for secure aggregation; nothing trained or released): {', '.join(skipped)}")
     base = [c for c, v in r["cohorts"].items() if v.get("at_majority_baseline")]
     if base and r["sample_level_dp"]:
         parts.append(f"at the majority baseline: {', '.join(base)}")
@@ -226,6 +245,10 @@ def _warnings(r: Mapping[str, Any], reproducible: bool) -> list[str]:
     if clear:
         out.append(f"Aggregated in the clear: cohort(s) {', '.join(clear)}. The coordinator sees each site's update, not only "
                    "the cohort's sum.")
+    skipped = [f"{c} ({v['skipped']})" for c, v in r["cohorts"].items() if v.get("skipped")]
+    if skipped:
+        out.append(f"Skipped, nothing trained or released (its sites were sent no round): cohort(s) {'; '.join(skipped)}. "
+                   "The run did not train every cohort it was configured for.")
     noised = any(v.get("eval_releases") for v in dp_sites.values())
     base = [f"{c} (accuracy {_num(v['accuracy'])}, majority {_num(v['majority_baseline'])})" for c, v in r["cohorts"].items()
             if v.get("at_majority_baseline")]
@@ -299,13 +322,19 @@ def build_report(run: Path) -> dict[str, Any]:
         if eps is None:
             sites[site]["guarantee"] = "none (noise multiplier 0)"
 
+    skipped = _skipped(summary, lines)
+    for site, cohort in all_sites.items():
+        if cohort in skipped and "events" not in sites.get(site, {}):
+            sites[site]["note"] = "its cohort was skipped (too few sites for secure aggregation): nothing released"
     cohorts: dict[str, Any] = {}
     for cohort, names in sorted(sites_by_cohort.items()):
         eps = [sites[s]["epsilon"] for s in names if s in sites and sites[s].get("events")]
         finite = [e for e in eps if e is not None]
         cohorts[cohort] = {"sites": list(names), "dp_sites": len(eps), "max_epsilon": (None if len(finite) < len(eps) else max(finite, default=0.0)),
                            "min_epsilon": min(finite, default=0.0)} | _final_utility(cohort, summary, lines)
-        if cohorts[cohort]["secure_aggregation"] is None and not bool(secagg.get("enabled", True)):
+        if cohort in skipped:  # not aggregated at all: neither securely nor in the clear
+            cohorts[cohort] |= {"skipped": skipped[cohort], "secure_aggregation": None, "released": "nothing (cohort skipped)"}
+        elif cohorts[cohort]["secure_aggregation"] is None and not bool(secagg.get("enabled", True)):
             cohorts[cohort]["secure_aggregation"] = False
         client = client_spend(ledger, cohort)
         if client is not None:
@@ -329,6 +358,7 @@ def build_report(run: Path) -> dict[str, Any]:
         "rounds_completed": rounds_done, "rounds_planned": planned, "sample_level_dp": bool(privacy.get("dp", False)),
         "client_level_dp": bool(privacy.get("client_dp", False)), "accountant": accountant, "sites": sites, "cohorts": cohorts,
         "deviations": deviations, "noise": "reproducible (derived from the run's seed)" if reproducible else "secret (the OS's CSPRNG at each site)",
+        "cohorts_skipped": sorted(skipped),
         "reproducible_noise": reproducible, "attestation": ATTESTATION, "provenance": _provenance(run, config_bytes, summary),
         "hyperparameter_tuning": NOT_RECORDED if tuned is None else
         (f"tuned on private data: {'yes (not covered by this guarantee)' if tuned else 'no'} (as the config states)"
@@ -460,7 +490,8 @@ def _document(r: Mapping[str, Any], plot_name: str | None) -> list[Block]:
     doc += [("h2", "Cohorts: privacy and utility"),
             _table(["cohort", "sites", "secure aggregation", "largest epsilon", "smallest epsilon", "final accuracy", "majority baseline",
                     "client-level epsilon", "client-level delta"],
-                   [[c, len(v["sites"]), "unknown" if v.get("secure_aggregation") is None else _num(v["secure_aggregation"]),
+                   [[c, len(v["sites"]), "skipped (nothing released)" if v.get("skipped") else
+                     "unknown" if v.get("secure_aggregation") is None else _num(v["secure_aggregation"]),
                      _eps(v["max_epsilon"]) if v.get("dp_sites") else "no DP", _eps(v["min_epsilon"]) if v.get("dp_sites") else "no DP",
                      "kept at the sites" if v.get("accuracy") is None and v.get("eval_kept_at_sites") else v.get("accuracy"),
                      "kept at the sites" if v.get("majority_baseline") is None and v.get("eval_kept_at_sites") else v.get("majority_baseline"),
@@ -472,6 +503,10 @@ def _document(r: Mapping[str, Any], plot_name: str | None) -> list[Block]:
                      "public (derived only from public figures); not released: kept at the site; no guarantee: released outside the "
                      "guarantee. Coordinator sees: each site's value, only the cohort's sum (secure aggregation), or nothing."))
     for g in groups:
+        if g.get("skipped"):
+            doc.append(("p", f"Sites {_fmt(g['sites'])}: their cohort was skipped (too few sites for secure aggregation); they "
+                             "were sent no round and released nothing beyond their name and cohort."))
+            continue
         if len(groups) > 1:
             doc.append(("p", f"Sites {_fmt(g['sites'])}:"))
         unsent = [x["name"] for x in g["releases"] if x["covered_by"] in ("not sent", "not asked")]
@@ -511,8 +546,13 @@ def _md_cell(text: str) -> str:
 
 def render_markdown(r: Mapping[str, Any]) -> str:
     """The report as Markdown: the title first, then the headline in bold."""
+    return markdown_blocks(_document(r, None))
+
+
+def markdown_blocks(doc: Sequence[Block]) -> str:
+    """Blocks of a document (``_document``, ``fedlora.privacy.site_report``) as Markdown."""
     out: list[str] = []
-    for kind, x in _document(r, None):
+    for kind, x in doc:
         if kind in ("h1", "h2"):
             out += [("# " if kind == "h1" else "## ") + x, ""]
         elif kind == "strong":

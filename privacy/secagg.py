@@ -14,7 +14,7 @@ stage by stage, and the Flower glue carries them in Messages. Stages:
    recipient and round); the coordinator relays ciphertexts it cannot read;
 3. masked input: site i sends ``y_i = x_i + PRG(b_i) + sum_{j in N(i), j > i} PRG(s_ij)
    - sum_{j in N(i), j < i} PRG(s_ij) (mod 2^m)`` over the neighbours that completed stage 2,
-   with ``s_ij = HKDF(X25519(s_i, s_j))`` and PRG = ChaCha20 (``fedlora.privacy.masking``);
+   with ``s_ij = HKDF(X25519(s_i, s_j))`` and PRG = AES-256-CTR (``fedlora.privacy.masking``);
 4. unmask: the coordinator names the survivors (sent y) and the dropped (shared keys, sent
    no y); each survivor returns, per neighbour, the ``b`` share of a survivor or the ``s`` key
    share of a dropped one, never both for the same peer (``UnmaskRefused``), and never fewer

@@ -5,7 +5,8 @@
 or by hand): it reads its run config keys ``run-dir`` + ``resume`` (``fedlora server``) or
 ``config`` (path of a RUN.toml, optional) + ``out`` (a new run directory), ``min-sites``
 (sites to wait for; default: the config's total), ``wait-timeout`` (seconds), ``registered``
-(``name=node_id,...``, to name the sites still missing), and each cohort's labels from the config (``cohorts.<name>.labels``; the demo cohorts' own
+(``name=node_id,...``: the sites are named by their keys), ``ca-pem`` (path of the federation CA: each site is then
+named by its certificate, checked against it), and each cohort's labels from the config (``cohorts.<name>.labels``; the demo cohorts' own
 labels when absent), since the coordinator holds no data.
 """
 
@@ -28,17 +29,18 @@ from .rundir import RunDir
 
 
 def make_server_app(cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
-                    progress: bool = True, result: dict | None = None, resume: Checkpoint | None = None) -> ServerApp:
+                    progress: bool = True, result: dict | None = None, resume: Checkpoint | None = None, ca_pem: str = "") -> ServerApp:
     """A ServerApp that runs the coordinator on whatever Grid the engine provides.
 
     ``result`` (optional) receives the run's summary, for callers in the same process;
-    ``resume`` continues from a checkpoint.
+    ``resume`` continues from a checkpoint; ``ca_pem`` (the federation CA) makes the coordinator
+    name each site by its certificate.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = Coordinator(cfg, run_dir, labels, expected_sites=expected_sites, progress=progress, resume=resume).run(grid)
+        summary = Coordinator(cfg, run_dir, labels, expected_sites=expected_sites, progress=progress, resume=resume, ca_pem=ca_pem).run(grid)
         if result is not None:
             result.update(summary)
 
@@ -104,7 +106,8 @@ def deployed(grid: Grid, context: Context) -> None:
         labels = deployment_labels(cfg)
         expected = int(rc.get("min-sites") or cfg.total_sites)
         Coordinator(cfg, run_dir, labels, expected_sites=expected, progress=False, wait_timeout=float(rc.get("wait-timeout") or 120.0),
-                    resume=resume, registered=parse_registered(str(rc.get("registered", "")))).run(grid)
+                    resume=resume, registered=parse_registered(str(rc.get("registered", ""))),
+                    ca_pem=Path(str(rc["ca-pem"])).read_text(encoding="utf-8") if rc.get("ca-pem") else "").run(grid)
     except FedloraError as e:
         run_dir.write_json("error.json", {"error": str(e), "exit_code": e.exit_code})
         print(f"fedlora: error: {e}", flush=True)

@@ -13,11 +13,17 @@ One run:
 
 A site that fails or sends a bad update is logged and left out of that round's aggregate;
 a round in which every site of a cohort failed stops the run with a FederationError.
+
+Fail closed: with secure aggregation on, a cohort with fewer than ``secure_aggregation.min_sites``
+sites at discovery is skipped for the run (its sites are sent nothing; ``"skipped"`` in every
+metrics line, ``cohorts_skipped`` in ``summary.json``), unless ``secure_aggregation.allow_clear``
+aggregates it in the clear; if every cohort would be skipped the run stops before any round.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -29,10 +35,11 @@ from tqdm import tqdm
 from fedlora.config import RunConfig
 from fedlora.errors import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, FederationError, FedloraError
 from fedlora.model import ModelSpec, derive_seed, get_runtime
-from fedlora.protocol import (ClientDpAsk, PrivacyAsk, RoundPlan, SecAggKeys, SiteInfo, TrainMetrics, arrays, read, read_event,
+from fedlora.protocol import (ClientDpAsk, HelloAsk, PrivacyAsk, RoundPlan, SecAggKeys, SiteInfo, TrainMetrics, arrays, read, read_event,
                               record_of)
 from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import ClientDpEvent, DpSgdEvent, EvalNoiseEvent, event_from_dict
+from fedlora.privacy import key_signing
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.secagg_vector import read_sum, train_length
@@ -46,8 +53,8 @@ from .evaluation import NO_METRICS, clear_metrics, secure_metrics
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
 from .advice import with_warnings
-from .run_summary import cohort_summary, partition_summary, privacy_summary
-from .secure_round import SecureAggregation, advertised_keys
+from .run_summary import all_skipped_message, cohort_summary, partition_summary, privacy_summary
+from .secure_round import SecureAggregation, advertised_keys, too_small
 from .secure_round import validate as validate_secure_aggregation
 
 log = logging.getLogger("fedlora.server")
@@ -56,9 +63,10 @@ log = logging.getLogger("fedlora.server")
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
                  progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None,
-                 resume: Checkpoint | None = None, registered: dict[int, str] | None = None) -> None:
+                 resume: Checkpoint | None = None, registered: dict[int, str] | None = None, ca_pem: str = "") -> None:
         self.cfg, self.run_dir, self.progress, self.resume = cfg, run_dir, progress, resume
         self.registered = registered or {}  # node id -> site name of the sites allowed to join (deployment)
+        self.ca_pem = ca_pem  # the federation CA (public): with it, a site is named by its certificate, never by what it says
         self.spec = ModelSpec.from_config(cfg)
         self.task = get_task(cfg.task.kind)  # what the cohorts' metrics mean (``fedlora.tasks``)
         self.strategy = get_strategy(cfg.federation.strategy)
@@ -70,6 +78,7 @@ class Coordinator:
         self.rng = np.random.default_rng(derive_seed(cfg.seed, "coordinator"))  # site sampling, client-level noise
         self.client_dp: ClientLevelDp | None = None  # set once the cohorts' sizes are known
         self.secagg = SecureAggregation(cfg.secure_aggregation, cfg.seed) if cfg.secure_aggregation.enabled else None
+        self.skipped: dict[str, str] = {}  # cohort -> why it is skipped for the run (fail closed: too few sites for SecAgg)
 
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None = None) -> dict[int, Message]:
@@ -102,25 +111,50 @@ class Coordinator:
                 raise FederationError(f"only {len(nodes)} of {self.expected_sites} sites connected within {self.wait_timeout:.0f} s{who}")
             time.sleep(0.5)
 
+    def _identify(self, node: int, info: SiteInfo, challenge: bytes) -> str:
+        """A joining site's name, from what authenticates it, never from what it says: with the
+        federation CA, the name its certificate certifies (its signature over this query's fresh
+        challenge must verify; ``key_signing.verify_hello``); in deployment, the name its
+        SuperNode key was registered under, which the certificate must agree with. A node that
+        is not registered (when sites are) or not authenticated (when the CA is known) is refused
+        (``FedloraError`` naming it and why)."""
+        name = info.name
+        if self.ca_pem:
+            try:
+                name = key_signing.verify_hello(info.cert, info.sig, self.ca_pem, challenge, info.cohort)
+            except key_signing.KeyAuthError as e:
+                raise FedloraError(f"node {node} (calling itself {info.name!r}) is not authenticated: {e}") from None
+            if name != info.name:
+                log.warning("node %s calls itself %r but its certificate names it %r; it is named by its certificate", node, info.name, name)
+        if self.registered:
+            if node not in self.registered:
+                raise FedloraError(f"node {node} (calling itself {info.name!r}) is not among the registered site keys")
+            if self.ca_pem and self.registered[node] != name:
+                raise FedloraError(f"node {node} is registered as {self.registered[node]} but its certificate names {name!r}")
+            if name != self.registered[node]:
+                log.warning("node %s is registered as %s but calls itself %r; it is named by its key: %s", node, self.registered[node],
+                            name, self.registered[node])
+            name = self.registered[node]
+        return name
+
     def _discover(self, grid: Grid) -> None:
         nodes = self._wait_for_nodes(grid)
         log.info("%d site(s) connected", len(nodes))
-        replies = self._exchange(grid, [Message(RecordDict({"config": ConfigRecord(self.spec.to_flat())}), node, "query", group_id="0")
-                                           for node in nodes])
+        challenges = {node: os.urandom(32) for node in nodes}
+        replies = self._exchange(grid, [Message(RecordDict({"config": ConfigRecord(self.spec.to_flat()),
+                                                            HelloAsk.record: record_of(HelloAsk(challenge=challenges[node]))}),
+                                                node, "query", group_id="0") for node in nodes])
         for node, reply in sorted(replies.items()):
             if reply.has_error():
                 log.warning("node %s (%s) did not join: %s", node, self.registered.get(node, "unregistered"), reply.error.reason)
                 continue
             try:
                 info = read(SiteInfo, reply.content, "query")
+                name = self._identify(node, info, challenges[node])
             except FedloraError as e:
                 log.warning("node %s did not join: %s", node, e)
                 continue
-            name, cohort = info.name, info.cohort
-            if node in self.registered and self.registered[node] != name:
-                log.warning("node %s is registered as %s but calls itself %r; it is named by its key: %s", node, self.registered[node],
-                            name, self.registered[node])
-                name = self.registered[node]
+            cohort = info.cohort
             if cohort not in self.cohorts:
                 log.warning("site %s belongs to cohort %r, which this run does not train; ignoring it", name, cohort)
                 continue
@@ -162,9 +196,10 @@ class Coordinator:
 
     def _broadcast(self, kind: str, round_: int) -> list[Message]:
         """One message per site; ``train`` goes only to the sampled sites of cohorts still training;
-        ``evaluate`` skips secure cohorts whose metrics are not to be sent."""
+        ``evaluate`` skips secure cohorts whose metrics are not to be sent. A cohort skipped for
+        the run (``skipped``) is sent nothing."""
         messages = []
-        for cohort in (c for c in self.cohorts.values() if c.active or kind != "train"):
+        for cohort in (c for c in self.cohorts.values() if c.name not in self.skipped and (c.active or kind != "train")):
             nodes = list(cohort.nodes)
             extra, secure = None, None
             if kind == "train":
@@ -376,16 +411,41 @@ class Coordinator:
         line["bytes_down"] += self.bytes_down - before[1]
 
     # ---- the run ---------------------------------------------------------------------
+    def _name_skipped(self, line: dict[str, Any], round_: int) -> None:
+        """Name in a metrics line every cohort skipped for the run (its entry is only the reason)
+        and every secure cohort that sat this round's train (``skipped``) or eval
+        (``eval_skipped``) sum out because too few of its sites were sampled."""
+        for name, why in self.skipped.items():
+            line["cohorts"][name] = {"skipped": why}
+        if self.secagg is None:
+            return
+        for name, entry in line["cohorts"].items():
+            for kind, key in (("train", "skipped"), ("evaluate", "eval_skipped")):
+                why = self.secagg.sat_out.pop(self.secagg.round_id(name, round_, kind), None)
+                if why is not None and name not in self.skipped:
+                    entry[key] = why
+
     def run(self, grid: Grid) -> dict[str, Any]:
         start = time.perf_counter()
         bytes_before = self.bytes_up
         self._discover(grid)
-        validate_secure_aggregation(self.cfg.secure_aggregation, {c.name: len(c.nodes) for c in self.cohorts.values()})
+        sizes = {c.name: len(c.nodes) for c in self.cohorts.values()}
+        validate_secure_aggregation(self.cfg.secure_aggregation, sizes)
+        self.skipped = too_small(self.cfg.secure_aggregation, sizes)
+        if self.skipped and len(self.skipped) == len(self.cohorts):
+            raise FederationError(all_skipped_message(self.skipped))
         for cohort in self.cohorts.values():
             cohort.secure = self.secagg is not None and len(cohort.nodes) >= self.cfg.secure_aggregation.min_sites
-            if self.secagg is not None and not cohort.secure:
-                log.warning("cohort %r has %d site(s), fewer than secure_aggregation.min_sites = %d: its updates are aggregated "
-                            "in the clear", cohort.name, len(cohort.nodes), self.cfg.secure_aggregation.min_sites)
+            if cohort.name in self.skipped:  # fail closed: nothing is sent to its sites, nothing of theirs aggregated
+                cohort.active = False
+                log.warning("cohort %r is SKIPPED for this run: its %d site(s) (%s) are fewer than secure_aggregation.min_sites = %d "
+                            "and it is not aggregated in the clear; its sites are sent nothing (--allow-clear-aggregation, "
+                            "secure_aggregation.allow_clear = true, aggregates it in the clear)", cohort.name, len(cohort.nodes),
+                            ", ".join(sorted(cohort.nodes.values())), self.cfg.secure_aggregation.min_sites)
+            elif self.secagg is not None and not cohort.secure:
+                log.warning("cohort %r has %d site(s), fewer than secure_aggregation.min_sites = %d: --allow-clear-aggregation: its "
+                            "updates and metrics are aggregated IN THE CLEAR, the coordinator sees every site's update", cohort.name,
+                            len(cohort.nodes), self.cfg.secure_aggregation.min_sites)
         runtime = get_runtime(self.spec, self.cfg.model.device, self.cfg.model.dtype)
         if self.cfg.privacy.client_dp:
             self.client_dp = ClientLevelDp(self.cfg.privacy, self.cfg.federation.site_sample_rate,
@@ -395,6 +455,8 @@ class Coordinator:
             discovery = self.bytes_up - bytes_before
             done, initial, last = restore_checkpoint(self, self.resume)
             self.bytes_up += discovery  # the new discovery's replies count too
+            for name in self.skipped:
+                self.cohorts[name].active = False
         else:
             for cohort in self.cohorts.values():
                 cohort.state = runtime.initial_adapter(self.cfg.seed, cohort.name, len(cohort.labels))
@@ -403,6 +465,7 @@ class Coordinator:
             # round 0 carries the sites' identification replies and the evaluation of the initial adapter
             initial = {"round": 0, "cohorts": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
             self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
+            self._name_skipped(initial, 0)
             self.run_dir.append_metrics(initial)
         bar = tqdm(total=rounds, initial=done, desc="rounds", unit="round", disable=not self.progress, dynamic_ncols=True)
         try:
@@ -412,6 +475,7 @@ class Coordinator:
                 self._train_round(grid, r, line)
                 if r % self.cfg.train.eval_every == 0 or r == rounds:
                     self._evaluate_round(grid, r, line)
+                self._name_skipped(line, r)
                 line["seconds"] = time.perf_counter() - t0
                 self.run_dir.append_metrics(line)
                 if self.cfg.privacy.dp or self.cfg.privacy.client_dp or self.ledger.events:
@@ -427,7 +491,7 @@ class Coordinator:
                              "".join(f", {c} accuracy {a}" for c, a in accuracy.items()))
         finally:
             bar.close()
-        for cohort in self.cohorts.values():
+        for cohort in (c for c in self.cohorts.values() if c.name not in self.skipped):  # a skipped cohort trained nothing
             self.run_dir.write_dir(f"adapters/{cohort.name}",
                                    lambda d, c=cohort: runtime.save_peft(d, c.state, self.cfg.seed, c.name, c.labels))
         summary = {
@@ -444,7 +508,9 @@ class Coordinator:
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
             "wall_seconds": time.perf_counter() - start,
-            "cohorts": {c.name: cohort_summary(c, initial, last, self.task.extra_metrics) for c in self.cohorts.values()},
+            "cohorts": {c.name: cohort_summary(c, initial, last, self.task.extra_metrics, self.skipped.get(c.name, ""))
+                        for c in self.cohorts.values()},
+            "cohorts_skipped": sorted(self.skipped),
         }
         summary["privacy"] = privacy_summary(self.cfg.privacy, self.client_dp, self.ledger, self.cohorts)
         with_warnings(summary, dp=self.cfg.privacy.dp)

@@ -5,9 +5,10 @@ What it does, in order (nothing is started before everything is checked):
 1. build and validate the run config (``--config`` plus flags), the model, the cohorts'
    labels, the TLS files; create the run directory and write ``config.toml`` (or, with
    ``--resume RUN_DIR``, read both back and check the checkpoint);
-2. start a SuperLink on ``--address`` with TLS (``--certs``: server.pem, server.key, ca.pem)
-   and SuperNode authentication; register every ``<site>.pub`` of the certs folder (the
-   allowlist) over the Control API, which gives each site its node id;
+2. start a SuperLink on ``--address`` with TLS (``--certs DIR``, or ``DIR/coordinator`` when it
+   exists: server.pem, server.key, ca.pem; never ca.key) and SuperNode authentication;
+   register every ``<site>.pub`` of the certs folder (the allowlist) over the Control API,
+   which gives each site its node id;
 3. submit the fedlora ServerApp with ``flwr run`` (a Flower App written into
    ``RUN_DIR/.flower/app`` whose run config points at the run directory) and stream its log;
 4. when the run ends, stop every process and remove ``RUN_DIR/.flower`` (Flower's home folder
@@ -38,7 +39,7 @@ from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DeploymentError, FederationError, FedloraError, RunInterrupted
 from fedlora.processes import flower_env, parse_address, spawn, stop, tail, wait_for_port
 
-from .certs import check_server_certs, site_public_keys
+from .certs import check_server_certs, coordinator_dir, site_public_keys
 from .checkpoint import open_stopped_run
 from .rundir import RunDir
 
@@ -139,7 +140,8 @@ class Deployment:
         app.mkdir()
         (app / "pyproject.toml").write_text(flower_app_toml({
             "run-dir": str(p.run_dir.path.resolve()), "resume": p.resume, "min-sites": p.min_sites, "wait-timeout": float(p.wait_timeout),
-            "registered": ",".join(f"{name}={node}" for node, name in sorted(registered.items())), "config": "", "out": ""}))
+            "registered": ",".join(f"{name}={node}" for node, name in sorted(registered.items())), "config": "", "out": "",
+            "ca-pem": str(p.certs / "ca.pem") if p.certs is not None else ""}))
         log_path = self.logs / "run.log"
         with log_path.open("a") as logf:
             proc = spawn(["flwr", "run", str(app), CONNECTION, "--stream"], self.env, stdout=subprocess.PIPE, cwd=self.home)
@@ -205,9 +207,12 @@ def plan_server(cfg: RunConfig | None, *, resume: str | None, address: str, cert
     host, port = parse_address(address, "--address")
     if insecure == (certs is not None):
         raise ConfigError("--certs", certs, "give --certs DIR (TLS and site authentication), or --insecure to run without both")
-    certs_dir = Path(certs).resolve() if certs else None
+    certs_dir = coordinator_dir(certs).resolve() if certs else None  # DIR/coordinator when there, else DIR
     if certs_dir is not None:
         check_server_certs(certs_dir)
+        if (certs_dir / "ca.key").exists():
+            log.warning("%s holds ca.key: the coordinator does not need it and should never hold it (a folder of fedlora certs "
+                        "--sites, for tests and demos; a real federation signs requests into DIR/coordinator)", certs_dir)
         if not site_public_keys(certs_dir):
             raise ConfigError("--certs", str(certs_dir), "holds no <site>.pub: no site could join (fedlora certs --sites ...)")
     if resume:

@@ -13,10 +13,18 @@ from .client_dp import ClientLevelDp
 from .cohort import Cohort
 
 
-def cohort_summary(cohort: Cohort, initial: Mapping[str, Any], last: Mapping[str, Any], extra: tuple[str, ...] = ()) -> dict[str, Any]:
+def cohort_summary(cohort: Cohort, initial: Mapping[str, Any], last: Mapping[str, Any], extra: tuple[str, ...] = (),
+                   skipped: str = "") -> dict[str, Any]:
     """A cohort's sites, labels, final metrics (from the last metrics line; ``extra``: the task's own
     fields, e.g. perplexity, with their initial values), initial accuracy, adapter folder and
-    whether it was aggregated securely."""
+    whether it was aggregated securely. A cohort ``skipped`` for the run (fail closed: too few
+    sites for secure aggregation) has the reason, no metrics, no adapter and
+    ``secure_aggregation`` None (it was not aggregated at all)."""
+    if skipped:
+        out = {"sites": sorted(cohort.nodes.values()), "labels": cohort.labels, "skipped": skipped, "accuracy": None,
+               "eval_loss": None, "majority_baseline": None, "initial_accuracy": None, "train_loss": None, "adapter": None,
+               "secure_aggregation": None}
+        return out | {key: None for k in extra for key in (k, f"initial_{k}")}
     end, start = last["cohorts"][cohort.name], initial["cohorts"][cohort.name]
     out = {"sites": sorted(cohort.nodes.values()), "labels": cohort.labels, "accuracy": end["accuracy"], "eval_loss": end["eval_loss"],
            "majority_baseline": end["majority_baseline"], "initial_accuracy": start["accuracy"],
@@ -24,6 +32,19 @@ def cohort_summary(cohort: Cohort, initial: Mapping[str, Any], last: Mapping[str
     for k in extra:
         out[k], out[f"initial_{k}"] = end.get(k), start.get(k)
     return out
+
+
+def all_skipped_message(skipped: Mapping[str, str]) -> str:
+    """Why a run with every cohort skipped does not start (``FederationError``)."""
+    return ("every cohort would be skipped, nothing to train: " + "; ".join(f"cohort {c}: {why}" for c, why in sorted(skipped.items()))
+            + ". Add sites, or allow clear aggregation (secure_aggregation.allow_clear = true)")
+
+
+def incomplete_message(skipped: Mapping[str, str]) -> str:
+    """The CLI's one line for a run that finished with some cohorts skipped (``RunIncomplete``)."""
+    return (f"the run finished, but cohort(s) {', '.join(sorted(skipped))} were skipped (too few sites for secure aggregation; "
+            "nothing of theirs trained or released; see summary.json cohorts_skipped); add sites or rerun with "
+            "--allow-clear-aggregation")
 
 
 def partition_summary(cfg: RunConfig) -> dict[str, Any] | None:

@@ -25,8 +25,11 @@ reason in ``failed`` (the cohort's ``sites_failed``); the protocol goes on with 
 while at least the threshold remain.
 
 Parameters: k neighbours (0: all others up to 8 sites, else the smallest even number >=
-2 log2 n), threshold t (0: ceil(2 (k + 1) / 3), at least 2), modulus bits
-``bits + ceil(log2(n + 1))`` so that n sites never overflow (checked).
+2 log2 n), threshold t (0: ceil(2 (k + 1) / 3), at least 2 and the sites' floor), modulus bits
+``bits + ceil(log2(n + 1))`` so that n sites never overflow (checked). A k or an explicit t the
+sites would refuse at stage 1 (``fedlora.privacy.secagg.check_parameters``) is refused before
+any round (``validate``); a cohort below ``min_sites`` is skipped unless ``allow_clear``
+(``too_small``).
 """
 
 from __future__ import annotations
@@ -48,25 +51,36 @@ from fedlora.model import derive_seed
 from fedlora.privacy import shamir
 from fedlora.privacy.quantization import Quantizer, wire_dtype
 from fedlora.privacy.key_signing import MAX_CERT_BYTES, MAX_SIG_BYTES
-from fedlora.privacy.secagg import SecAggAbort, SecAggCoordinator, neighbours
+from fedlora.privacy.secagg import MIN_NEIGHBOURS, SecAggAbort, SecAggCoordinator, neighbours, threshold_floor
 from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
-from fedlora.protocol import MaskedAsk, SecAggKeys, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, arrays, read, record_of
+from fedlora.protocol import (ConsistencyAsk, ConsistencyReply, MaskedAsk, SecAggKeys, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply,
+                              arrays, read, record_of)
 
 log = logging.getLogger("fedlora.server")
 Exchange = Callable[[list[Message]], dict[int, Message]]
 
 
 def plan(cfg: SecureAggregationConfig, n: int) -> tuple[int, int, Quantizer]:
-    """(k, t, quantiser) for a cohort of n sites; refuses a config that cannot work."""
+    """(k, t, quantiser) for a cohort of n sites; refuses (ValueError naming k, t and the
+    sites' floor) a config that cannot work or that every site would refuse at stage 1: k
+    below ``MIN_NEIGHBOURS``, t below ``threshold_floor(k)`` or above k + 1. The automatic t is
+    never below the floor (raised to it if it were)."""
     if cfg.neighbours:
         k = min(cfg.neighbours, n - 1)
     else:
         k = n - 1 if n <= 8 else min(n - 1, 2 * math.ceil(math.log2(n)))
         if k < n - 1 and k % 2:
             k += 1
-    t = cfg.threshold or max(2, math.ceil(2 * (k + 1) / 3))
+    floor = threshold_floor(k)
+    if k < MIN_NEIGHBOURS:
+        raise ValueError(f"k = {k} neighbour(s) for {n} site(s), below the minimum {MIN_NEIGHBOURS} the sites accept "
+                         f"(t = {cfg.threshold or 'automatic'}, floor {floor}): so small a group would isolate a site")
+    t = cfg.threshold or max(2, math.ceil(2 * (k + 1) / 3), floor)
     if t > k + 1:
         raise ValueError(f"threshold {t} exceeds the {k + 1} shares of each secret (k = {k} neighbours + the site itself)")
+    if t < floor:
+        raise ValueError(f"threshold t = {t} is below the sites' floor {floor} for k = {k} neighbours (a strict majority of each "
+                         f"group of {k + 1}, fedlora.privacy.secagg.threshold_floor): every site would refuse it at stage 1")
     q = Quantizer(cfg.clip_range, cfg.bits, min(64, cfg.bits + math.ceil(math.log2(n + 1))))
     q.check_no_overflow(n)
     return k, t, q
@@ -74,7 +88,8 @@ def plan(cfg: SecureAggregationConfig, n: int) -> tuple[int, int, Quantizer]:
 
 def validate(cfg: SecureAggregationConfig, cohort_sizes: Mapping[str, int]) -> None:
     """Refuse, before any round, a secure-aggregation config that cannot work for a cohort
-    that will use it (ConfigError naming the cohort)."""
+    that will use it, or whose k or t every site would refuse (ConfigError naming the cohort,
+    k, t and the floor; ``plan``)."""
     if not cfg.enabled:
         return
     for name, n in cohort_sizes.items():
@@ -83,6 +98,16 @@ def validate(cfg: SecureAggregationConfig, cohort_sizes: Mapping[str, int]) -> N
                 plan(cfg, n)
             except ValueError as e:
                 raise ConfigError("secure_aggregation", f"cohort {name} ({n} sites)", str(e)) from None
+
+
+def too_small(cfg: SecureAggregationConfig, cohort_sizes: Mapping[str, int]) -> dict[str, str]:
+    """Cohort -> why it is skipped for the run: secure aggregation on, fewer than ``min_sites``
+    sites, and clear aggregation not allowed (fail closed). {} when secure aggregation is off
+    or ``allow_clear``."""
+    if not cfg.enabled or cfg.allow_clear:
+        return {}
+    return {name: (f"{n} site(s), fewer than secure_aggregation.min_sites = {cfg.min_sites}; not aggregated in the clear "
+                   "without --allow-clear-aggregation") for name, n in cohort_sizes.items() if n < cfg.min_sites}
 
 
 KEY_BYTES = 32  # an X25519 public key
@@ -181,6 +206,7 @@ class SecureAggregation:
     def __init__(self, cfg: SecureAggregationConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self._rounds: dict[str, tuple[SecAggCoordinator, Quantizer | None]] = {}
+        self.sat_out: dict[str, str] = {}  # round id -> why the cohort sat that sum out (``setup``)
 
     @staticmethod
     def round_id(cohort: str, round_: int, kind: str) -> str:
@@ -203,20 +229,25 @@ class SecureAggregation:
     def setup(self, cohort: str, nodes: list[int], round_: int, kind: str) -> dict[int, dict[str, Any]] | None:
         """``site_config``, or None when the sampled sites are too few (fewer than ``min_sites``
         or than the threshold needs): then the cohort sits the round out rather than send
-        anything in the clear."""
+        anything in the clear, and ``sat_out[round id]`` says why."""
+        kind = "train" if kind == "train" else "evaluate"
         try:
             if len(nodes) < self.cfg.min_sites:
                 raise ValueError(f"only {len(nodes)} site(s) sampled, fewer than secure_aggregation.min_sites = {self.cfg.min_sites}")
-            return self.site_config(cohort, nodes, round_, "train" if kind == "train" else "evaluate")
+            return self.site_config(cohort, nodes, round_, kind)
         except ValueError as e:
             log.warning("round %d: cohort %r sits out this %s round: %s", round_, cohort, kind, e)
+            self.sat_out[self.round_id(cohort, round_, kind)] = f"sat out this {kind} round: {e}"
             return None
 
     def secure_sum(self, exchange: Exchange, cohort: str, round_: int, advertised: Mapping[int, tuple[bytes, ...]],
                    kind: str = "train", *, length: int | None = None,
                    failed: dict[int, str] | None = None) -> tuple[np.ndarray, list[int], Quantizer | None]:
         """Stages 2-4 over the sites that advertised usable keys: the unmasked sum (integers
-        modulo 2^m), the survivors, and the quantiser to read a ``train`` sum with.
+        modulo 2^m), the survivors, and the quantiser to read a ``train`` sum with. When the keys
+        came signed, a consistency check runs between stages 3 and 4 (``<kind>.secagg_check``):
+        every survivor signs the survivor set, fewer than t signatures abort, and each site asked to
+        unmask gets its group's signatures (the sites verify them; ``secagg_site.check``).
         ``advertised``: node -> ``(c_pk, s_pk)`` or ``(c_pk, s_pk, sig, cert)``
         (``advertised_keys``); each site's signature and certificate are relayed with its keys.
         Keys, signatures, certificates, ciphertexts and shares travel as lists of raw bytes in
@@ -288,6 +319,24 @@ class SecureAggregation:
                                                           coord.modulus_bits), "secagg_masked")
         survivors, dropped = coord.unmask_request(masked)
         allowed = {p: "b" for p in survivors} | {p: "sk" for p in dropped}
+        signatures: dict[int, bytes] = {}
+        if any(auth[u][0] for u in keys):  # signed keys: the consistency check before anyone unmasks
+            def read_check(u: int, c: RecordDict) -> bytes:
+                sig = read(ConsistencyReply, c, f"{kind}.secagg_check").sig
+                if not sig or len(sig) > MAX_SIG_BYTES:
+                    raise ValueError(f"a survivor-set signature of {len(sig)} bytes (1 to {MAX_SIG_BYTES})")
+                return sig
+
+            signatures = readable(stage("secagg_check", {u: ConsistencyAsk(round_id=round_id, survivors=tuple(survivors),
+                                                                           dropped=tuple(dropped)) for u in survivors}),
+                                  read_check, "secagg_check")
+            if len(signatures) < coord.threshold:
+                raise SecAggAbort(f"only {len(signatures)} survivor(s) signed the survivor set; the threshold is {coord.threshold}")
+
+        def unmask_ask(u: int) -> UnmaskAsk:
+            group = [p for p in (u, *coord.graph.get(u, ())) if p in signatures]
+            return UnmaskAsk(round_id=round_id, survivors=tuple(survivors), dropped=tuple(dropped), signers=tuple(group),
+                             sigs=tuple(signatures[p] for p in group))
 
         def read_unmask(u: int, c: RecordDict) -> dict[int, tuple[str, tuple[int, bytes]]]:
             r = read(UnmaskReply, c, f"{kind}.secagg_unmask")
@@ -297,6 +346,6 @@ class SecureAggregation:
                 raise ValueError(problem)
             return {p: (k, (x, y)) for p, k, x, y in zip(r.peers, r.kinds, r.x, r.y)}
 
-        responses = readable(stage("secagg_unmask", {u: UnmaskAsk(round_id=round_id, survivors=tuple(survivors), dropped=tuple(dropped))
-                                                     for u in survivors}, benign=True), read_unmask, "secagg_unmask")
+        asked = [u for u in survivors if u in signatures] if signatures else survivors
+        responses = readable(stage("secagg_unmask", {u: unmask_ask(u) for u in asked}, benign=True), read_unmask, "secagg_unmask")
         return coord.aggregate(masked, responses), survivors, q

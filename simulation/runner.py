@@ -35,7 +35,9 @@ from fedlora.server.advice import with_warnings
 from fedlora.server.app import make_server_app
 from fedlora.server.checkpoint import Checkpoint, open_stopped_run
 from fedlora.server.rundir import RunDir, default_run_dir
+from fedlora.server.secure_round import too_small
 from fedlora.server.secure_round import validate as validate_secure_aggregation
+from fedlora.server.run_summary import all_skipped_message
 
 from . import demo_data, site_metrics
 from .local_grid import LocalGrid
@@ -91,7 +93,11 @@ def plan_sites(cfg: RunConfig) -> Plan:
             demo.append(c.name)
             sites.extend(SiteSpec(f"{c.name}-{i + 1}", c.name, "") for i in range(c.sites))
     cfg = _with_site_counts(cfg, counts)
-    validate_secure_aggregation(cfg.secure_aggregation, {c.name: c.sites for c in cfg.cohorts})
+    sizes = {c.name: c.sites for c in cfg.cohorts}
+    validate_secure_aggregation(cfg.secure_aggregation, sizes)
+    skipped = too_small(cfg.secure_aggregation, sizes)
+    if skipped and len(skipped) == len(sizes):  # nothing would train: refused before anything is written
+        raise FederationError(all_skipped_message(skipped))
     budgets = cfg.privacy.budgets
     unknown = sorted(set(budgets) - {s.name for s in sites})
     if unknown:
@@ -117,11 +123,13 @@ def _with_site_counts(cfg: RunConfig, counts: dict[str, int]) -> RunConfig:
 def site_policy(cfg: RunConfig, site: str) -> SitePolicy:
     """A virtual site's own privacy policy, from the run's ``[privacy]`` section: the budget it
     requires (``privacy.budgets`` or ``privacy.epsilon`` when DP is on), its largest delta, its
-    accountant, what it does with eval metrics, and the research switch for seeded noise."""
+    accountant, what it does with eval metrics, the research switch for seeded noise, and whether
+    it requires secure aggregation (``[secure_aggregation]`` on and ``allow_clear`` off: the
+    researcher owns every simulated site)."""
     p = cfg.privacy
     return SitePolicy(epsilon=p.budget_for(site) if p.site_requires_dp(site) else 0.0, max_delta=float(p.delta),
                       accountant=p.accountant, eval_metrics=p.eval_metrics, eval_budget_fraction=float(p.eval_budget_fraction),
-                      reproducible_noise=p.reproducible_noise)
+                      reproducible_noise=p.reproducible_noise, require_secure_aggregation=cfg.secure_aggregation.sites_require_it)
 
 
 def _write_demo_data(cfg: RunConfig, plan: Plan, run_dir: RunDir, *, write: bool = True) -> list[SiteSpec]:
@@ -224,10 +232,11 @@ def with_credentials(sites: list[SiteSpec], ca: InMemoryCA | None = None) -> lis
 def _run(cfg: RunConfig, plan: Plan, run_dir: RunDir, sites: list[SiteSpec], checkpoint: Checkpoint | None, progress: bool,
          started: float) -> tuple[Path, dict[str, Any]]:
     result: dict[str, Any] = {}
-    if cfg.secure_aggregation.enabled:
-        sites = with_credentials(sites)
+    ca = InMemoryCA() if cfg.secure_aggregation.enabled else None
+    if ca is not None:
+        sites = with_credentials(sites, ca)
     server_app = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=progress, result=result,
-                                 resume=checkpoint)
+                                 resume=checkpoint, ca_pem=ca.pem if ca is not None else "")
     client_app = make_client_app(sites, device=cfg.model.device, dtype=cfg.model.dtype)
     try:
         run_engine(cfg, sites, server_app, client_app)

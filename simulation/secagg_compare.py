@@ -31,9 +31,10 @@ from flwr.clientapp import ClientApp
 from fedlora.client import secagg_site
 from fedlora.config import SecureAggregationConfig
 from fedlora.records import content_bytes
-from fedlora.server.secure_round import SecureAggregation, plan
+from fedlora.privacy.key_signing import InMemoryCA
+from fedlora.server.secure_round import SecureAggregation, advertised_keys, plan
 from fedlora.privacy.secagg_vector import read_sum
-from fedlora.protocol import SecAggSetup, read
+from fedlora.protocol import SecAggKeys, SecAggSetup, read
 
 from .local_grid import LocalGrid
 
@@ -91,19 +92,27 @@ def _dropper(fraction: float, n: int, is_masked_stage: Callable[[Message], bool]
 
 
 def run_ours(updates: Sequence[np.ndarray], examples: Sequence[int], cfg: SecureAggregationConfig, *,
-             dropout: float = 0.0, seed: int = 0) -> Outcome:
-    """fedlora's SecAgg+ (``fedlora.server.secure_round`` + ``fedlora.client.secagg_site``)."""
+             dropout: float = 0.0, seed: int = 0, signed: bool = True) -> Outcome:
+    """fedlora's SecAgg+ (``fedlora.server.secure_round`` + ``fedlora.client.secagg_site``).
+    ``signed``: as deployed, each site signs its keys and the survivor set with a certificate of
+    one in-memory CA and checks its peers' (made before the clock starts: a federation's
+    certificates are issued once, not per round); False: unauthenticated keys, no consistency check."""
     app = ClientApp()
+    ca = InMemoryCA() if signed else None
+    creds = {i: ca.credentials(f"site-{i}") for i in range(len(updates))} if ca is not None else {}
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
         i = int(ctx.node_config["partition-id"])
         setup = read(SecAggSetup, msg.content, "train")
         vector = secagg_site.train_vector(setup, {"x": updates[i]}, int(examples[i]), 0.0)
-        return Message(secagg_site.begin(ctx, setup, vector), reply_to=msg)
+        return Message(secagg_site.begin(ctx, setup, vector, sum_of=secagg_site.SumOf("bench", 1, "train"), credentials=creds.get(i)),
+                       reply_to=msg)
 
     for stage in (secagg_site.share, secagg_site.masked, secagg_site.unmask):
         app.train(f"secagg_{stage.__name__}")(lambda msg, ctx, stage=stage: Message(stage(ctx, msg.content), reply_to=msg))
+    app.train("secagg_check")(lambda msg, ctx: Message(secagg_site.check(ctx, msg.content, credentials=creds.get(
+        int(ctx.node_config["partition-id"]))), reply_to=msg))
 
     n = len(updates)
     out = Outcome(None, n)
@@ -117,8 +126,7 @@ def run_ours(updates: Sequence[np.ndarray], examples: Sequence[int], cfg: Secure
         return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
 
     replies = exchange([Message(RecordDict({"secagg": ConfigRecord(setups[node])}), node, "train", group_id="1") for node in nodes])
-    advertised = {u: (bytes(r.content["secagg"]["c_pk"]), bytes(r.content["secagg"]["s_pk"]))
-                  for u, r in replies.items() if not r.has_error()}
+    advertised = {u: advertised_keys(read(SecAggKeys, r.content, "train")) for u, r in replies.items() if not r.has_error()}
     try:
         total, _, q = sa.secure_sum(exchange, "bench", 1, advertised)
         out.mean = read_sum(total, {"x": np.shape(updates[0])}, q).mean_delta["x"]

@@ -70,7 +70,7 @@ def tiny_decoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(model: Path, out: Path, **over: object) -> object:
-    """A fast run: tiny model, 2 cohorts of 2 demo sites, 2 rounds, no DP unless asked for."""
+    """A fast run: tiny model, 2 cohorts of 2 demo sites (aggregated in the clear: ``allow_clear``), 2 rounds, no DP unless asked for."""
     data = {
         "seed": 7, "out": str(out),
         "model": {"source": str(model), "max_length": 32},
@@ -79,6 +79,9 @@ def tiny_config(model: Path, out: Path, **over: object) -> object:
         "train": {"rounds": 2, "local_steps": 4, "local_epochs": 0.0, "batch_size": 8, "optimizer": "adamw", "learning_rate": 0.01},
         "demo": {"examples_per_site": 40},
         "cohorts": {"finance": {"sites": 2}, "medical": {"sites": 2}},
+        # 2-site cohorts are below secure_aggregation.min_sites: the tests' regime aggregates them in the clear (a test
+        # that sets its own [secure_aggregation] table, or allow_clear = false, gets the fail-closed default: skipped)
+        "secure_aggregation": {"allow_clear": True},
     }
     set_keys(data, over)
     data.setdefault("privacy", {}).setdefault("dp", False)  # DP-SGD only where a test asks for it
@@ -122,8 +125,11 @@ def run_with(cfg, intercept=None, rewrite=None) -> Path:
     plan = plan_sites(cfg)
     run_dir = RunDir.start(cfg)  # with config.toml, as fedlora simulate writes it
     sites = _write_demo_data(cfg, plan, run_dir)
-    if cfg.secure_aggregation.enabled:  # signed SecAgg keys, as in fedlora simulate
-        sites = with_credentials(sites)
+    from fedlora.privacy.key_signing import InMemoryCA
+
+    ca = InMemoryCA() if cfg.secure_aggregation.enabled else None
+    if ca is not None:  # signed SecAgg keys and certified names, as in fedlora simulate
+        sites = with_credentials(sites, ca)
     real = make_client_app(sites, device="cpu")
 
     def client(msg, ctx):
@@ -135,6 +141,6 @@ def run_with(cfg, intercept=None, rewrite=None) -> Path:
         reply = real(msg, ctx)
         return intercept(msg, ctx, reply) if intercept is not None else reply
 
-    server = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=False)
+    server = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=False, ca_pem=ca.pem if ca is not None else "")
     run_engine(cfg, sites, server, client)
     return run_dir.path

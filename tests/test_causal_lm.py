@@ -199,7 +199,7 @@ def test_prompt_response_data_reports_perplexity_without_accuracy(tiny_decoder: 
     rows = [{"question": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(40)]
     path = tmp_path / "qa.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    cfg = _decoder_config(tiny_decoder, tmp_path / "run", privacy__dp=False, train__rounds=1,
+    cfg = _decoder_config(tiny_decoder, tmp_path / "run", privacy__dp=False, train__rounds=1, secure_aggregation__allow_clear=True,
                           cohorts={"finance": {"sites": 2, "data": str(path), "prompt_column": "question", "response_column": "answer"}})
     _, summary = simulate(cfg, progress=False)
     c = summary["cohorts"]["finance"]

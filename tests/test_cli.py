@@ -43,7 +43,8 @@ def test_quiet_simulation_prints_the_summary_json(tiny_model: Path, tmp_path: Pa
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'[model]\nsource = "{tiny_model}"\nmax_length = 32\n[train]\nrounds = 1\nlocal_steps = 2\n'
                    '[demo]\nexamples_per_site = 30\n[cohorts.retail]\nsites = 2\n')
-    p = _run("simulate", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    # 2 sites: below secure_aggregation.min_sites, so the cohort runs only when clear aggregation is allowed
+    p = _run("simulate", "--config", str(cfg), "--out", str(tmp_path / "run"), "--quiet", "--allow-clear-aggregation", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["rounds_completed"] == 1 and list(summary["cohorts"]) == ["retail"]

@@ -178,10 +178,12 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
     """The coordinator runs with ``--no-dp``; the three sites were started with ``--epsilon 4``: they train
     with DP within 4 all the same (their policy, not the coordinator's request), with secret noise,
     so the run equals ``fedlora simulate`` with the same site policies in everything but the noised values."""
-    config, files = write_run(tmp_path, tiny_model, FEDERATION, privacy={"dp": True, "epsilon": 8.0})
+    # one site per cohort: below secure_aggregation.min_sites, so both sides must allow clear aggregation
+    clear = {"allow_clear": True}
+    config, files = write_run(tmp_path, tiny_model, FEDERATION, privacy={"dp": True, "epsilon": 8.0}, secure_aggregation=clear)
     (tmp_path / "reference").mkdir()
     reference_config, _ = write_run(tmp_path / "reference", tiny_model, FEDERATION,
-                                    privacy={"dp": False, "budgets": {f"{c}-1": 4.0 for c in FEDERATION}})
+                                    privacy={"dp": False, "budgets": {f"{c}-1": 4.0 for c in FEDERATION}}, secure_aggregation=clear)
     other_model = tmp_path / "other-model"
     other_model.mkdir()
     for f in tiny_model.iterdir():
@@ -196,7 +198,7 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
         p.start("server", "server", "--config", str(config), "--no-dp", "--address", f"127.0.0.1:{port}", "--certs", str(keys), "--out",
                 str(tmp_path / "run"), "--min-sites", "4", "--wait-timeout", "120")
         for cohort, paths in files.items():
-            site(p, f"{cohort}-1", cohort, paths[0], port, keys, "--epsilon", "4")
+            site(p, f"{cohort}-1", cohort, paths[0], port, keys, "--epsilon", "4", "--allow-clear-aggregation")
         site(p, "finance-9", "finance", files["finance"][0], port, keys, "--model", str(other_model))
         site(p, "finance-2", "finance", files["finance"][0], port, strangers, "--connect-timeout", "30", ca=keys / "ca.pem")  # key not registered
         site(p, "medical-1-bad-ca", "medical", files["medical"][0], port, keys, "--connect-timeout", "30", name="medical-1",
@@ -274,13 +276,14 @@ def test_an_adapter_of_200_mb_makes_the_round_trip(tmp_path: Path) -> None:
     model = wide_bert(tmp_path / "wide-bert")
     config, files = write_run(tmp_path, model, {"retail": 1}, lora={"rank": 1024, "alpha": 8.0, "target_modules": ["query", "key", "value", "dense"]},
                               train={"rounds": 1, "local_steps": 1, "batch_size": 2, "eval_every": 1},
-                              privacy={"dp": False})  # the wire's size limits are tested, not DP-SGD (on by default)
+                              privacy={"dp": False},  # the wire's size limits are tested, not DP-SGD (on by default)
+                              secure_aggregation={"allow_clear": True})  # nor secure aggregation: one site, in the clear
     port = free_port()
     run = tmp_path / "run"
     with Processes(tmp_path) as p:
         p.start("server", "server", "--config", str(config), "--out", str(run), "--address", f"127.0.0.1:{port}", "--insecure")
         p.start("retail-1", "client", "--server", f"127.0.0.1:{port}", "--data", str(files["retail"][0]), "--domain", "retail",
-                "--name", "retail-1", "--insecure", "--state-dir", str(tmp_path / "sites" / "retail-1"))
+                "--name", "retail-1", "--insecure", "--state-dir", str(tmp_path / "sites" / "retail-1"), "--allow-clear-aggregation")
         assert p.wait("server", 600) == 0, p.log("server")[-4000:]
     assert_clean(p)
     assert "WARNING: --insecure" in p.log("server") and "WARNING: --insecure" in p.log("retail-1")

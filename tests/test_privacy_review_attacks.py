@@ -71,7 +71,7 @@ class Harness:
         state = self.root / "state" / tag
         shutil.rmtree(state, ignore_errors=True)
         return SiteSpec(f"{COHORT}-1", COHORT, str(data or self.data40), state_dir=str(state),
-                        policy=SitePolicy(**{"epsilon": 4.0, **policy}))
+                        policy=SitePolicy(**{"epsilon": 4.0, "require_secure_aggregation": False, **policy}))  # clear messages
 
     @staticmethod
     def app(site: SiteSpec):
@@ -269,7 +269,8 @@ def test_review_wrong_types_are_protocol_errors_naming_the_key(h: Harness, raw: 
 
 def test_review_a_deployed_site_without_state_folder_refuses_dp(h: Harness) -> None:
     app = make_client_app(device="cpu")  # deployment: the site comes from its node config
-    ctx = h.ctx(node_config={"domain": COHORT, "data-path": str(h.data40), "epsilon": "4", "site-name": "bank"})
+    ctx = h.ctx(node_config={"domain": COHORT, "data-path": str(h.data40), "epsilon": "4", "site-name": "bank",
+                             "allow-clear-aggregation": "true"})  # a clear round: the state folder is what is refused
     reply = _call(app, h.msg(ask={"dp": False}), ctx)
     assert _code(reply) == POLICY_REFUSED_CODE and "state folder" in reply.error.reason
 
@@ -447,7 +448,8 @@ def test_review_renaming_a_deployed_site_without_key_keeps_its_spend(h: Harness)
     shutil.rmtree(state, ignore_errors=True)
     released = []
     for round_, name in ((1, "bank-a"), (2, "bank-a"), (3, "bank-a"), (4, "bank-b"), (5, "bank-b")):
-        node = {"domain": COHORT, "data-path": str(h.data40), "state-dir": str(state), "epsilon": 4.0, "site-name": name}
+        node = {"domain": COHORT, "data-path": str(h.data40), "state-dir": str(state), "epsilon": 4.0, "site-name": name,
+                "allow-clear-aggregation": "true"}  # clear rounds: the spend is what is checked
         reply = _call(app, h.msg(plan={"round": round_, "rounds": 2}), h.ctx(run_id=round_, node_config=node))
         _require(_ok(reply) or _code(reply) == BUDGET_EXHAUSTED_CODE, f"unexpected reply {reply}")
         if _ok(reply):

@@ -335,9 +335,10 @@ def test_malicious_floor_lets_the_honest_coordinators_defaults_through() -> None
         k, t, _ = plan(SecureAggregationConfig(), n)
         check_parameters(0, list(range(1, k + 1)), t)
         assert t >= threshold_floor(k)
-    k, t, _ = plan(SecureAggregationConfig(min_sites=2), 2)  # a 2-site cohort: each site's only neighbour knows the sum
-    with pytest.raises(SecAggAbort, match="k = 1 neighbour"):
-        check_parameters(0, list(range(1, k + 1)), t)
+    with pytest.raises(SecAggAbort, match="k = 1 neighbour"):  # a 2-site cohort: each site's only neighbour knows the sum
+        check_parameters(0, [1], 2)
+    with pytest.raises(ValueError, match="k = 1 neighbour"):  # and the coordinator refuses to plan one (before any round)
+        plan(SecureAggregationConfig(min_sites=2), 2)
 
 
 # ---- the honest path ----------------------------------------------------------------------------

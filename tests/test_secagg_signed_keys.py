@@ -30,7 +30,7 @@ from fedlora.errors import ConfigError, FedloraError
 from fedlora.privacy import key_signing, masking
 from fedlora.privacy.key_signing import Credentials, InMemoryCA, KeyAuthError, KeyContext
 from fedlora.privacy.secagg import SecAggCoordinator, neighbours
-from fedlora.protocol import MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, read, record_of
+from fedlora.protocol import ConsistencyAsk, ConsistencyReply, MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, read, record_of
 
 M = 24  # modulus bits
 D = 16  # vector length
@@ -99,8 +99,8 @@ class Signed:
         assert json.loads(str(before))["held"] == {}
         return str(e.value)
 
-    def run(self) -> np.ndarray:
-        """All four stages, honestly relayed; the unmasked sum."""
+    def masked_all(self) -> dict[int, np.ndarray]:
+        """Stages 2 and 3, honestly relayed: every site's masked vector."""
         self.coord.relay_keys({u: k[:2] for u, k in self.keys.items()})
         inbox = self.coord.relay_shares({u: self.share(u) for u in self.nodes})
         masked = {}
@@ -109,13 +109,29 @@ class Signed:
             reply = secagg_site.masked(self.ctx[u], _content(MaskedAsk(round_id=self.round_id, peers=tuple(box),
                                                                        ciphertexts=tuple(box.values()), wire_dtype="uint32")))
             masked[u] = np.frombuffer(reply["masked"]["y"].data, dtype="<u4").astype(masking.word(M))
+        return masked
+
+    def run(self) -> np.ndarray:
+        """All stages, honestly relayed (the consistency check included); the unmasked sum."""
+        masked = self.masked_all()
         survivors, dropped = self.coord.unmask_request(masked)
-        ask = _content(UnmaskAsk(round_id=self.round_id, survivors=tuple(survivors), dropped=tuple(dropped)))
+        sigs = self.check(survivors, dropped)
         responses = {}
         for u in survivors:
-            r = read(UnmaskReply, secagg_site.unmask(self.ctx[u], ask), "unmask")
+            r = read(UnmaskReply, secagg_site.unmask(self.ctx[u], self.unmask_ask(u, survivors, dropped, sigs)), "unmask")
             responses[u] = {p: (k, (x, y)) for p, k, x, y in zip(r.peers, r.kinds, r.x, r.y, strict=True)}
         return self.coord.aggregate(masked, responses)
+
+    def check(self, survivors: list[int], dropped: list[int], at: list[int] | None = None) -> dict[int, bytes]:
+        """The consistency check as ``secure_round`` runs it: each survivor (or each of ``at``) signs the set."""
+        ask = _content(ConsistencyAsk(round_id=self.round_id, survivors=tuple(survivors), dropped=tuple(dropped)))
+        return {u: read(ConsistencyReply, secagg_site.check(self.ctx[u], ask, credentials=self.creds[u]), "check").sig
+                for u in (survivors if at is None else at)}
+
+    def unmask_ask(self, u: int, survivors: list[int], dropped: list[int], sigs: dict[int, bytes]) -> RecordDict:
+        group = [p for p in (u, *self.graph[u]) if p in sigs]
+        return _content(UnmaskAsk(round_id=self.round_id, survivors=tuple(survivors), dropped=tuple(dropped), signers=tuple(group),
+                                  sigs=tuple(sigs[p] for p in group)))
 
     def plain(self) -> np.ndarray:
         total = np.zeros(D, np.uint64)
@@ -261,6 +277,106 @@ def test_malicious_replay_of_signed_keys_from_another_round_or_sum_is_refused() 
         assert f"peer {PEER}" in g.refused(VICTIM, g.relayed(VICTIM) | {PEER: old.keys[PEER]}, "does not verify")
 
 
+# ---- the consistency check (Bonawitz et al. 2017, round 3) ----------------------------
+def _five() -> Signed:
+    """Five sites, all neighbours (k = 4), t = 3 (the sites' floor): every stage up to the masked inputs done."""
+    fed = Signed(n=5, t=3)
+    fed.begin()
+    fed.masked_all()
+    return fed
+
+
+def _unmask_refused(fed: Signed, u: int, ask: RecordDict, match: str) -> None:
+    before = json.loads(str(fed.ctx[u].state[STATE_KEY]["site"]))["revealed"]
+    with pytest.raises(FedloraError, match=match):
+        secagg_site.unmask(fed.ctx[u], ask)
+    assert json.loads(str(fed.ctx[u].state[STATE_KEY]["site"]))["revealed"] == before  # no share revealed
+
+
+def test_malicious_coordinator_showing_split_views_of_who_survived_gets_no_share_of_the_minority_view() -> None:
+    """Split view: to get both secrets of the victim the coordinator shows {victim, A, B} that the
+    victim survived (they reveal its b shares) and {C, D} that it dropped (they would reveal its
+    key shares). Each group signs its own view; C sees only 2 signatures over its view, below t = 3,
+    and reveals nothing; nor do signatures over the other view count for it."""
+    fed = _five()
+    v, a, b, c, d = fed.nodes
+    view1, view2 = ([v, a, b, c, d], []), ([a, b, c, d], [v])
+    sigs1 = fed.check(*view1, at=[v, a, b])
+    sigs2 = fed.check(*view2, at=[c, d])
+    _unmask_refused(fed, c, fed.unmask_ask(c, *view2, sigs2), "only 2 of its group")
+    _unmask_refused(fed, c, fed.unmask_ask(c, *view2, sigs1 | sigs2), "only 2 of its group")  # view-1 signatures do not verify
+    # the majority view does open, honestly: A reveals the victim's b share, never its key share
+    r = read(UnmaskReply, secagg_site.unmask(fed.ctx[a], fed.unmask_ask(a, *view1, sigs1)), "unmask")
+    assert dict(zip(r.peers, r.kinds))[v] == "b"
+
+
+def test_malicious_coordinator_asking_a_site_to_sign_a_second_survivor_set_is_refused() -> None:
+    fed = _five()
+    v, a, *_ = fed.nodes
+    fed.check(list(fed.nodes), [], at=[a])
+    fed.check(list(fed.nodes), [], at=[a])  # the same set again: the same answer
+    with pytest.raises(FedloraError, match="second, different survivor set"):
+        fed.check([x for x in fed.nodes if x != v], [v], at=[a])
+
+
+def test_malicious_coordinator_unmasking_another_set_than_the_signed_one_or_without_the_check_is_refused() -> None:
+    fed = _five()
+    v, a, b, *_ = fed.nodes
+    everyone = (list(fed.nodes), [])
+    sigs = fed.check(*everyone)
+    other = ([x for x in fed.nodes if x != v], [v])
+    _unmask_refused(fed, a, fed.unmask_ask(a, *other, sigs), "differs from the one this site signed")
+    fresh = _five()
+    _unmask_refused(fresh, fresh.nodes[1], fresh.unmask_ask(fresh.nodes[1], list(fresh.nodes), [], {}), "without the consistency check")
+
+
+def test_malicious_coordinator_padding_the_signatures_with_repeats_forgeries_or_non_survivors_is_refused() -> None:
+    """One real signature repeated, signatures of the wrong signer, garbage bytes: only distinct
+    survivors of the site's group with a valid signature count."""
+    fed = _five()
+    v, a, b, c, d = fed.nodes
+    view = ([v, a, b, c], [d])
+    sigs = fed.check(*view, at=[a, b])
+    repeated = _content(UnmaskAsk(round_id=fed.round_id, survivors=tuple(view[0]), dropped=tuple(view[1]),
+                                  signers=(a, b, b, b), sigs=(sigs[a], sigs[b], sigs[b], sigs[b])))
+    _unmask_refused(fed, a, repeated, "only 2 of its group")
+    swapped = _content(UnmaskAsk(round_id=fed.round_id, survivors=tuple(view[0]), dropped=tuple(view[1]),
+                                 signers=(a, c, v), sigs=(sigs[a], sigs[b], b"\x30" * 70)))
+    _unmask_refused(fed, a, swapped, "only 1 of its group")
+    # d is named dropped: its valid signature over the same view does not make it count
+    sig_d = key_signing.sign_survivors(key_signing.load_signing_key(fed.creds[d].signing_key),
+                                       secagg_site.key_context(fed.round_id, fed.sum_of), fed.names[d], *view)
+    with_d = _content(UnmaskAsk(round_id=fed.round_id, survivors=tuple(view[0]), dropped=tuple(view[1]),
+                                signers=(a, d), sigs=(sigs[a], sig_d)))
+    _unmask_refused(fed, a, with_d, "only 1 of its group")
+
+
+def test_a_site_refuses_to_sign_a_view_that_drops_it_or_names_a_site_twice() -> None:
+    fed = _five()
+    v, a, *_ = fed.nodes
+    with pytest.raises(FedloraError, match="not counted among the survivors"):
+        fed.check([x for x in fed.nodes if x != a], [a], at=[a])
+    with pytest.raises(FedloraError, match="both survived and dropped"):
+        fed.check(list(fed.nodes), [v], at=[a])
+    with pytest.raises(FedloraError, match="twice"):
+        fed.check([*fed.nodes, v], [], at=[a])
+
+
+def test_survivor_statement_binds_the_view_context_and_signer() -> None:
+    ctx = KeyContext("finance/1", "finance", 1, "train")
+    base = key_signing.survivor_statement(ctx, "finance-1", [3, 1, 2], [4])
+    assert base == key_signing.survivor_statement(ctx, "finance-1", [1, 2, 3], [4])  # order-free
+    for other in (key_signing.survivor_statement(ctx, "finance-1", [1, 2], [3, 4]),
+                  key_signing.survivor_statement(ctx, "finance-2", [1, 2, 3], [4]),
+                  key_signing.survivor_statement(KeyContext("finance/2", "finance", 2, "train"), "finance-1", [1, 2, 3], [4]),
+                  key_signing.survivor_statement(ctx, "finance-1", [1, 2, 3, 4], [])):
+        assert other != base
+    assert not base.startswith(key_signing.DOMAIN)  # never confusable with a key statement
+    # Flower's node ids are unsigned 64-bit (Ray and SuperNodes draw them at random): the largest fit
+    big = key_signing.survivor_statement(ctx, "finance-1", [2**64 - 1, 2**63], [2**63 + 1])
+    assert big != key_signing.survivor_statement(ctx, "finance-1", [2**64 - 1, 2**63 + 1], [2**63])
+
+
 def test_a_site_whose_own_certificate_names_another_site_refuses_stage_one() -> None:
     ca = InMemoryCA()
     other = ca.credentials("finance-2")
@@ -295,6 +411,14 @@ def test_an_in_process_secure_federation_signs_and_checks_every_key(make_config,
         return names
 
     monkeypatch.setattr(key_signing, "verify_peers", counting)
+    views: list[bool] = []
+    real_view = key_signing.survivors_signed
+
+    def counting_views(*args, **kw):
+        views.append(real_view(*args, **kw))
+        return views[-1]
+
+    monkeypatch.setattr(key_signing, "survivors_signed", counting_views)
     cfg = make_config(tmp_path / "run", cohorts={"finance": {"sites": 3}}, train__rounds=1,
                       secure_aggregation={"enabled": True, "bits": 20, "clip_range": 1.0})
     run = run_with(cfg)
@@ -307,6 +431,10 @@ def test_an_in_process_secure_federation_signs_and_checks_every_key(make_config,
     assert len(checked) >= 3  # every site checked its peers' signatures in stage 2
     assert all(sorted(names.values()) == sorted(set(names.values())) and len(names) == 2 for names in checked)
     assert {n for names in checked for n in names.values()} == {"finance-1", "finance-2", "finance-3"}
+    # the consistency check ran before every unmasking: each site verified its peers' survivor signatures (t = 2 of 3:
+    # itself and one valid peer signature suffice), all of them valid
+    assert len(views) >= 3 and all(views)
+    assert summary["sites"] == 3 and json.loads((run / "sites.json").read_text())["finance"] == ["finance-1", "finance-2", "finance-3"]
 
 
 def test_certs_writes_site_certificates_chaining_to_the_ca_and_never_overwrites(tmp_path: Path) -> None:

@@ -165,10 +165,12 @@ def test_metrics_none_sends_no_evaluation_to_a_secure_cohort(make_config, tmp_pa
     assert summary["cohorts"]["finance"]["accuracy"] is None and summary["cohorts"]["finance"]["secure_aggregation"] is True
 
 
-def test_a_cohort_below_min_sites_aggregates_in_the_clear_and_says_so(make_config, tmp_path: Path, caplog) -> None:
-    run, summary = simulate(make_config(tmp_path / "run", train__rounds=1, secure_aggregation=SECAGG), progress=False)
-    assert summary["cohorts"]["finance"]["secure_aggregation"] is False
-    assert "fewer than secure_aggregation.min_sites = 3" in caplog.text
+def test_a_cohort_below_min_sites_aggregates_in_the_clear_only_when_allowed_and_says_so(make_config, tmp_path: Path, caplog) -> None:
+    # without allow_clear such a cohort is skipped (tests/test_fail_closed.py)
+    run, summary = simulate(make_config(tmp_path / "run", train__rounds=1, secure_aggregation={**SECAGG, "allow_clear": True}),
+                            progress=False)
+    assert summary["cohorts"]["finance"]["secure_aggregation"] is False and summary["cohorts_skipped"] == []
+    assert "fewer than secure_aggregation.min_sites = 3" in caplog.text and "IN THE CLEAR" in caplog.text
 
 
 def test_strategies_that_need_individual_updates_are_refused(make_config, tmp_path: Path) -> None:
@@ -193,3 +195,6 @@ def test_a_sampled_cohort_too_small_for_secure_aggregation_sits_the_round_out(ma
     # a round sampling 1 or 2 of the 3 sites sends them nothing: never a sum of fewer than min_sites
     assert {x["cohorts"]["finance"]["sites_selected"] for x in _lines(run)[1:]} <= {0, 3}
     assert "sits out this train round: only" in caplog.text
+    # and the round's metrics line says so
+    sat_out = [x["cohorts"]["finance"] for x in _lines(run)[1:] if x["cohorts"]["finance"]["sites_selected"] == 0]
+    assert sat_out and all("sat out this train round: only" in e["skipped"] for e in sat_out)

@@ -45,7 +45,8 @@ def test_packaged_model_federation_improves_and_beats_the_majority_baseline(tmp_
     from fedlora.config import config_from_dict
 
     cfg = config_from_dict({"seed": 1, "out": str(tmp_path / "run"), "train": {"rounds": 3, "local_steps": 12, "local_epochs": 0.0},
-                            "privacy": {"dp": False}, "demo": {"examples_per_site": 160}, "cohorts": {"medical": {"sites": 2}}})
+                            "privacy": {"dp": False}, "demo": {"examples_per_site": 160}, "cohorts": {"medical": {"sites": 2}},
+                            "secure_aggregation": {"allow_clear": True}})  # 2 sites: in the clear, as this test always ran
     run, summary = simulate(cfg, progress=False)
     lines = _lines(run)
     first, last = lines[0]["cohorts"]["medical"], lines[-1]["cohorts"]["medical"]
