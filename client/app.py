@@ -3,7 +3,10 @@
 Every record it reads or writes is declared in ``fedlora.protocol`` (message types, records,
 keys, and which release each key a site sends is). In short:
 
-* ``query``    <- the model spec; -> ``SiteInfo`` (name, cohort); a site holding another base model refuses.
+* ``query``    <- the model spec, a challenge, the run's cohorts and labels; -> ``SiteInfo`` (name, cohort, and
+               a signature over the challenge); a site holding another base model refuses, and so does one
+               whose cohort the run does not train (code 4206) or whose data does not read with its cohort's
+               labels (code 4205: the details stay in the site's log; ``fedlora client`` stops).
 * ``train``    <- the cohort's global adapter, the public ``RoundPlan``, the coordinator's ``PrivacyAsk``
                (a request: the site applies the more private of it and its own ``SitePolicy``,
                ``fedlora.privacy.policy``) and ``ClientDpAsk``;
@@ -38,12 +41,13 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.errors import DataError, BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE, SITE_ERROR_CODE, FedloraError, ProtocolError
+from fedlora.errors import (BUDGET_EXHAUSTED_CODE, DATA_MISMATCH_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE, SITE_ERROR_CODE,
+                            UNKNOWN_COHORT_CODE, DataError, FedloraError, ProtocolError, UnknownCohort)
 from fedlora.files import append_line
 from fedlora.model import LoraRuntime, ModelSpec, get_runtime
 from fedlora.privacy import eval_release, key_signing
 from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, effective_privacy, refuse_clear
-from fedlora.protocol import (ClientDpAsk, EvalKept, EvalMetrics, HelloAsk, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, arrays,
+from fedlora.protocol import (ClientDpAsk, CohortsOffer, EvalKept, EvalMetrics, HelloAsk, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, arrays,
                               read, record_of)
 from fedlora.records import from_record, to_record
 from fedlora.tasks import EncodedExamples
@@ -113,9 +117,12 @@ def _keep_metrics(site: SiteSpec, round_: int, res) -> None:
              "num_examples": res.num_examples, "label_counts": list(res.label_counts)}, sort_keys=True))
 
 
-def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "auto", dtype: str = "auto") -> ClientApp:
+def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "auto", dtype: str = "auto",
+                    on_fatal: Callable[[str], None] | None = None) -> ClientApp:
     """A ClientApp. With ``sites`` (simulation) a node's site is ``sites[partition-id]``;
-    without (deployment) it is read from the node config (``SiteSpec.from_node_config``)."""
+    without (deployment) it is read from the node config (``SiteSpec.from_node_config``).
+    ``on_fatal(message)`` is called when the site cannot join at all (its cohort is not the
+    run's, or its data does not fit the cohort's labels): ``fedlora client`` then stops."""
     app = ClientApp()
     table = tuple(sites) if sites is not None else None
 
@@ -131,12 +138,16 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
                 return Message(handler(msg, ctx, site), reply_to=msg)
             except FedloraError as e:
                 budget = isinstance(e, BudgetExhausted)  # expected once a budget is spent: not an error
-                log.log(logging.WARNING if budget else logging.ERROR, "site %s refused %s: %s", site.name, msg.metadata.message_type, e)
+                kind = msg.metadata.message_type
+                log.log(logging.WARNING if budget else logging.ERROR, "site %s refused %s: %s", site.name, kind, e)
                 code = (BUDGET_EXHAUSTED_CODE if budget else POLICY_REFUSED_CODE if isinstance(e, PolicyRefused)
-                        else PROTOCOL_ERROR_CODE if isinstance(e, ProtocolError) else SITE_ERROR_CODE)
+                        else PROTOCOL_ERROR_CODE if isinstance(e, ProtocolError) else DATA_MISMATCH_CODE if isinstance(e, DataError)
+                        else UNKNOWN_COHORT_CODE if isinstance(e, UnknownCohort) else SITE_ERROR_CODE)
                 # what a data error says (a row, a label, a path) stays in the site's own log
                 reason = (f"site {site.name}: its data does not fit this cohort's plan (details in the site's own log)"
                           if isinstance(e, DataError) else f"site {site.name}: {e}")
+                if kind == "query" and isinstance(e, (DataError, UnknownCohort)) and on_fatal is not None:
+                    on_fatal(f"site {site.name} cannot join: {e}")  # the site stops at its side, with the full message
                 return Message(Error(code=code, reason=reason), reply_to=msg)
 
         return run
@@ -155,9 +166,25 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
     def secagg_setup(msg: Message) -> SecAggSetup | None:
         return read(SecAggSetup, msg.content, msg.metadata.message_type) if "secagg" in msg.content else None
 
+    def check_join(msg: Message, site: SiteSpec) -> None:
+        """At the handshake, before joining: this site's cohort must be one the run trains, and
+        its data must read with that cohort's labels (``CohortsOffer``). A mismatch stops the
+        site at its side (``on_fatal``) with the full message in its own log; the coordinator
+        is told only the error code and that the details stay here (``guarded``)."""
+        if CohortsOffer.record not in msg.content:
+            return
+        offer = read(CohortsOffer, msg.content, "query")
+        labels = offer.labels_of(site.cohort)
+        if labels is None:
+            raise UnknownCohort(f"this site's cohort (--domain) {site.cohort!r} is not one of this federation's cohorts "
+                                f"({', '.join(offer.names) or 'none'}); the coordinator does not count it as joined")
+        runtime = get_runtime(site_model(msg.content["config"], site), site.device or device, dtype)
+        runtime.task.read(site.data_path, site.columns, list(labels))  # DataError naming file, row, column, label
+
     def query(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
         if "config" in msg.content:  # the coordinator names its base model: refuse to join with another
             site_model(msg.content["config"], site)
+            check_join(msg, site)
         info = SiteInfo(name=site.name, cohort=site.cohort)
         creds = site.credentials
         if HelloAsk.record in msg.content and creds is not None and creds.signs:  # prove the name with the site's certificate
@@ -202,7 +229,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             vector = secagg_site.train_vector(setup, delta, result.num_examples, 0.0 if loss is None else loss,
                                               weight=1.0 if ask.client_dp else None, unclipped=int(unclipped or 0))
             content = secagg_site.begin(ctx, setup, vector, sum_of=secagg_site.SumOf(site.cohort, plan.round, "train"),
-                                        state_dir=site.state_dir, credentials=site.credentials)
+                                        state_dir=site.state_dir, credentials=site.credentials,
+                                        request=secagg_site.request_digest(msg.content))
         else:
             update, _ = to_record(delta, plan.wire_dtype)
             metrics = TrainMetrics(num_examples=result.num_examples, steps=result.steps, train_loss=loss,
@@ -210,9 +238,13 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             content = RecordDict({"update": update, TrainMetrics.record: record_of(metrics)})
         if privacy is not None:
             content["privacy_event"], content["privacy"] = ConfigRecord(privacy[0]), ConfigRecord(privacy[1])
+        how = "masked for secure aggregation" if setup is not None else "sent in the clear"
         if eff.dp:
-            log.info("site %s round %d: trained with DP, epsilon %.3f of %g spent", site.name, plan.round,
-                     float(privacy[1]["epsilon_spent"]), float(privacy[1]["budget_epsilon"]))
+            log.info("site %s round %d: trained with DP, epsilon %.3f of %g spent (%d steps); update %s", site.name, plan.round,
+                     float(privacy[1]["epsilon_spent"]), float(privacy[1]["budget_epsilon"]), result.steps, how)
+        else:
+            log.info("site %s round %d: trained %d steps on %d records without DP; update %s", site.name, plan.round, result.steps,
+                     result.num_examples, how)
         return content
 
     def evaluate(msg: Message, ctx: Context, site: SiteSpec) -> RecordDict:
@@ -240,7 +272,8 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             vector = (eval_release.integer_vector(values, secagg_site.EVAL_LOSS_SCALE) if mode == "noised"
                       else secagg_site.metrics_vector(res.loss, res.accuracy, res.num_examples, list(res.label_counts)))
             content = secagg_site.begin(ctx, setup, vector, sum_of=secagg_site.SumOf(site.cohort, plan.round, "evaluate"),
-                                        state_dir=site.state_dir, credentials=site.credentials)
+                                        state_dir=site.state_dir, credentials=site.credentials,
+                                        request=secagg_site.request_digest(msg.content))
         else:
             content = RecordDict({EvalMetrics.record: record_of(EvalMetrics(eval_loss=loss, accuracy=accuracy, num_examples=n,
                                                                              label_counts=tuple(counts), eval_seconds=seconds))})

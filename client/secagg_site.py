@@ -10,7 +10,9 @@ keys instead of the update or the metrics. ``<kind>.secagg_share``, ``<kind>.sec
 Against an active coordinator every refusal below is a ``FedloraError`` naming the problem,
 raised before anything is revealed (no keys, no shares, no masked vector):
 
-* stage 1: the group and threshold (``fedlora.privacy.secagg.check_parameters``);
+* before any work (``check_setup``, from the ClientApp's ``before_work``) and at stage 1: the
+  group and threshold (``fedlora.privacy.secagg.check_parameters``), the quantiser and weight
+  scale of a train sum, the modulus of an evaluate sum (2^64 only);
 * stage 1: this site's own signing material, when it has some, that its peers would refuse
   (``fedlora.privacy.key_signing.check_own``);
 * stage 2: the relayed keys (``SecAggSite.check_relayed``), a peer named twice; and, when the
@@ -37,7 +39,8 @@ raised before anything is revealed (no keys, no shares, no masked vector):
   already sent is refused; one whose masked input it never sent gets an answer.
 
 Authenticated keys (``fedlora.privacy.key_signing``). A site with a key and certificate signs
-its two public keys, bound to the round id, its sum (cohort, round, kind) and its name, and
+its two public keys, bound to the round id, its sum (cohort, round, kind), what it was asked
+(``request_digest``: peers asked something else do not verify) and its name, and
 sends the signature and certificate beside them (``SecAggKeys``). Policy: a site that has the
 CA requires every peer's keys signed and refuses the stage otherwise; a site without the CA
 (an old configuration) takes keys as relayed, as before, and logs a warning that the
@@ -50,6 +53,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,9 +66,9 @@ from fedlora.errors import FedloraError
 from fedlora.files import write_text_atomic
 from fedlora.privacy import key_signing, masking
 from fedlora.privacy.key_signing import Credentials, KeyAuthError, KeyContext, SignedKeys
-from fedlora.privacy.quantization import Quantizer
+from fedlora.privacy.quantization import Quantizer, wire_dtype
 from fedlora.privacy.secagg import SecAggAbort, SecAggSite, UnmaskRefused, check_parameters, site_from_json, site_to_json
-from fedlora.privacy.secagg_vector import EVAL_LOSS_SCALE, eval_vector, site_vector, site_weight
+from fedlora.privacy.secagg_vector import EVAL_LOSS_SCALE, EVAL_MODULUS_BITS, eval_vector, site_vector, site_weight
 from fedlora.protocol import (ConsistencyAsk, ConsistencyReply, MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk,
                               UnmaskReply, read, record_of)
 
@@ -160,10 +164,12 @@ def _refuse_replay(ctx: Context, state_dir: str | Path | None, round_id: str, su
 
 
 def refuse_replay_early(ctx: Context, setup: SecAggSetup, sum_of: SumOf, state_dir: str | Path | None) -> None:
-    """Before any training or DP charge: refuse (``FedloraError`` naming it) a sum this site
-    already sent a masked input for, by round id or by ``sum_of`` (its own cohort, the plan's
-    round, the handler's kind), so a re-asked round costs neither budget nor compute. The
-    vector's digest is checked in ``begin``, once there is a vector."""
+    """Before any training or DP charge: refuse (``FedloraError`` naming it) a setup this site
+    will not take part in (``check_setup``) and a sum it already sent a masked input for, by
+    round id or by ``sum_of`` (its own cohort, the plan's round, the handler's kind), so a bad
+    or re-asked round costs neither budget nor compute. The vector's digest is checked in
+    ``begin``, once there is a vector."""
+    check_setup(int(ctx.node_id), setup, sum_of.kind)
     _refuse_replay(ctx, state_dir, setup.round_id, sum_of, None)
 
 
@@ -176,7 +182,31 @@ def _unique(peers: Sequence[int], what: str) -> None:
 def quantizer(setup: SecAggSetup) -> Quantizer:
     if setup.clip_range is None or setup.bits is None:
         raise FedloraError("secure aggregation: the train setup lacks the quantiser (clip_range, bits)")
-    return Quantizer(float(setup.clip_range), int(setup.bits), int(setup.modulus_bits))
+    try:
+        return Quantizer(float(setup.clip_range), int(setup.bits), int(setup.modulus_bits))
+    except ValueError as e:
+        raise FedloraError(f"secure aggregation: the train setup's quantiser is unusable: {e}") from None
+
+
+def check_setup(node: int, setup: SecAggSetup, kind: str) -> None:
+    """Refuse (``FedloraError`` naming it) a setup this site will not take part in, before any data
+    is read, anything trained or any budget charged, and before any key: the group and threshold
+    (``check_parameters``); for ``evaluate`` a modulus other than ``EVAL_MODULUS_BITS`` (the one
+    the coordinator always uses there: a chosen smaller one would turn the range refusal of
+    ``begin`` into an oracle on this site's metrics); for ``train`` the quantiser and a positive,
+    finite weight scale. ``kind`` "" (the pure protocol) checks the group and threshold only."""
+    try:
+        check_parameters(node, list(setup.neighbours), int(setup.threshold))
+    except SecAggAbort as e:
+        raise FedloraError(f"secure aggregation: {e}") from None
+    if kind == "evaluate" and int(setup.modulus_bits) != EVAL_MODULUS_BITS:
+        raise FedloraError(f"secure aggregation: an evaluate sum modulo 2^{setup.modulus_bits}; this site sums its metrics "
+                           f"modulo 2^{EVAL_MODULUS_BITS} only (another modulus would make its answer depend on its metrics)")
+    if kind == "train":
+        quantizer(setup)
+        scale = setup.weight_scale
+        if scale is None or not math.isfinite(float(scale)) or float(scale) <= 0:
+            raise FedloraError(f"secure aggregation: the train setup's weight_scale {scale!r} is not a positive finite number")
 
 
 def train_vector(setup: SecAggSetup, delta: Mapping[str, np.ndarray], examples: int, loss: float,
@@ -193,11 +223,45 @@ def metrics_vector(loss: float, accuracy: float, examples: int, label_counts: li
     return eval_vector(loss, int(round(accuracy * examples)), examples, label_counts)
 
 
-def key_context(round_id: str, sum_of: SumOf | None) -> KeyContext:
+def key_context(round_id: str, sum_of: SumOf | None, request: str = "") -> KeyContext:
     """What this site's signature is bound to, and what it checks its peers' against."""
     if sum_of is None:
-        return KeyContext(round_id)
-    return KeyContext(round_id, sum_of.cohort, int(sum_of.round), sum_of.kind)
+        return KeyContext(round_id, request=request)
+    return KeyContext(round_id, sum_of.cohort, int(sum_of.round), sum_of.kind, request)
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, float):
+        return {"float": value.hex()}  # exact, and 1.0 is not 1
+    return value
+
+
+def request_digest(content: RecordDict) -> str:
+    """SHA-256 (hex) of what a ``train`` / ``evaluate`` message asks of this site, except its own
+    neighbour list: every record but ``secagg`` (round plan, privacy asks, model spec as config
+    keys and values; the adapter as names, dtypes, shapes and bytes) and the ``secagg`` setup's
+    other keys (round id, threshold, modulus, quantiser, weight scale). Every site of one honest
+    secure sum is asked the same, so their digests agree; each site signs its keys over its own
+    (``key_signing.KeyContext.request``) and checks its peers' signatures against its own, so a
+    coordinator that asks different sites different things (a per-site weight scale, quantiser,
+    learning rate, privacy ask or adapter) gets its sum refused at stage 2, before any share."""
+    h = hashlib.sha256(b"fedlora-secagg-request/v1\0")
+    for name in sorted(content.keys()):
+        record = content[name]
+        h.update(json.dumps(["record", name, type(record).__name__]).encode() + b"\0")
+        if isinstance(record, ArrayRecord):
+            for key in sorted(record.keys()):
+                arr = record[key]
+                h.update(json.dumps([key, arr.dtype, list(arr.shape), arr.stype, len(arr.data)]).encode() + b"\0")
+                h.update(arr.data)
+        else:
+            items = {k: v for k, v in dict(record).items() if not (name == SecAggSetup.record and k == "neighbours")}
+            h.update(json.dumps({k: _canonical(v) for k, v in items.items()}, sort_keys=True).encode() + b"\0")
+    return h.hexdigest()
 
 
 def _signed_keys(creds: Credentials | None, context: KeyContext, c_pk: bytes, s_pk: bytes) -> SecAggKeys:
@@ -225,13 +289,15 @@ def _signed_keys(creds: Credentials | None, context: KeyContext, c_pk: bytes, s_
 
 
 def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray, *, sum_of: SumOf | None = None,
-          state_dir: str | Path | None = None, credentials: Credentials | None = None) -> RecordDict:
+          state_dir: str | Path | None = None, credentials: Credentials | None = None, request: str = "") -> RecordDict:
     """Stage 1: keep the masked-to-be vector and fresh secrets; reply with the public keys.
     ``setup`` is the message's record ``secagg``: round id, this site's neighbours, threshold,
     modulus bits. ``sum_of`` (what the site knows the sum is for) and ``state_dir`` (where the
     site keeps its state across runs) arm the replay checks beyond the round id.
     ``credentials``: the site's signing material; with a key and certificate the keys go out
     signed, with the CA stage 2 will require its peers' keys signed (module docstring).
+    ``request``: ``request_digest`` of the message; the keys are signed over it and the peers'
+    keys must be signed over the same (an empty one in the pure protocol tests).
 
     Refuses (``FedloraError``, nothing revealed) a group or threshold below the site's floor
     (``check_parameters``), a second sum this site already sent a masked input for (same
@@ -239,10 +305,7 @@ def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray, *, sum_of: SumOf
     material of its own that does not fit together (``key_signing.check_own``)."""
     node = int(ctx.node_id)
     peers = list(setup.neighbours)
-    try:
-        check_parameters(node, peers, int(setup.threshold))
-    except SecAggAbort as e:
-        raise FedloraError(f"secure aggregation: {e}") from None
+    check_setup(node, setup, "evaluate" if sum_of is not None and sum_of.kind == "evaluate" else "")  # train's: before_work
     vector = np.asarray(vector)
     if vector.dtype.kind != "u":
         raise FedloraError(f"secure aggregation: the vector to mask must hold unsigned integers, got {vector.dtype}")
@@ -255,9 +318,10 @@ def begin(ctx: Context, setup: SecAggSetup, vector: np.ndarray, *, sum_of: SumOf
     _refuse_replay(ctx, state_dir, setup.round_id, sum_of, digest)
     site = SecAggSite(node, peers, setup.threshold, setup.modulus_bits, setup.round_id)
     c_pk, s_pk = site.advertise()
-    keys = _signed_keys(credentials, key_context(setup.round_id, sum_of), c_pk, s_pk)
+    keys = _signed_keys(credentials, key_context(setup.round_id, sum_of, request), c_pk, s_pk)
     ctx.state[STATE_KEY] = ConfigRecord({"site": site_to_json(site), "vector": vector.tobytes(), "dtype": vector.dtype.str,
                                          "round_id": setup.round_id, "sum_of": "" if sum_of is None else sum_of.key(),
+                                         "request": request,
                                          "digest": digest or "", "state_dir": str(state_dir or ""),
                                          "ca": credentials.ca if credentials is not None else "",
                                          "name": credentials.name if credentials is not None else ""})
@@ -280,6 +344,11 @@ def _save(ctx: Context, site: SecAggSite, rec: ConfigRecord, **more: str) -> Non
 def _sum_of(rec: ConfigRecord) -> SumOf | None:
     text = str(rec.get("sum_of", ""))
     return SumOf(*json.loads(text)) if text else None
+
+
+def _context(rec: ConfigRecord) -> KeyContext:
+    """The key context of the sum this site's state holds (its round id, sum and request)."""
+    return key_context(str(rec["round_id"]), _sum_of(rec), str(rec.get("request", "")))
 
 
 def _protocol(fn):
@@ -319,7 +388,7 @@ def _authenticate(req: ShareAsk, rec: ConfigRecord) -> dict[str, list[str]]:
     sigs = req.sigs or (b"",) * len(req.peers)
     peers = {p: SignedKeys(c, s, sig, cert) for p, c, s, sig, cert in zip(req.peers, req.c_pk, req.s_pk, sigs, certs, strict=True)}
     try:
-        names = key_signing.verify_peers(peers, ca, key_context(str(rec["round_id"]), _sum_of(rec)), str(rec.get("name", "")))
+        names = key_signing.verify_peers(peers, ca, _context(rec), str(rec.get("name", "")))
     except KeyAuthError as e:
         raise FedloraError(f"secure aggregation: {e}; refusing to share with it (nothing revealed)") from None
     return {str(p): [names[p], peers[p].cert.hex()] for p in names}
@@ -339,12 +408,16 @@ def masked(ctx: Context, content: RecordDict) -> RecordDict:
     if why:
         raise FedloraError(f"secure aggregation: {why}")
     _unique(req.peers, "share list")
+    expected = wire_dtype(int(site.modulus_bits))
+    if str(req.wire_dtype) != expected.name:  # any other would send a lossy (or, for "object", a pointer) form of y
+        raise FedloraError(f"secure aggregation: asked to send the masked input as {req.wire_dtype!r}; its modulus 2^"
+                           f"{site.modulus_bits} travels as {expected.name} only")
     site.receive_shares({p: b for p, b in zip(req.peers, req.ciphertexts, strict=True)})
     y = site.masked_input(np.frombuffer(rec["vector"], dtype=np.dtype(str(rec["dtype"]))))
     sent.add(req.round_id, sum_of, digest)
     sent.save(ctx, state_dir)
     _save(ctx, site, rec, masked_sent="1")
-    wire = np.dtype(req.wire_dtype).newbyteorder("<")
+    wire = expected.newbyteorder("<")
     arr = Array(dtype=wire.name, shape=(len(y),), stype=MASKED_STYPE, data=y.astype(wire, copy=False).tobytes())
     return RecordDict({"masked": ArrayRecord({"y": arr})})
 
@@ -373,11 +446,15 @@ def check(ctx: Context, content: RecordDict, *, credentials: Credentials | None 
     input, or differs from a set it already signed for this sum (a split view). A site that
     cannot sign replies with an empty signature (its peers with the CA will then not count it)."""
     req = read(ConsistencyAsk, content, "secagg_check")
-    _, rec = _load(ctx, req.round_id)
+    site, rec = _load(ctx, req.round_id)
     node = int(ctx.node_id)
     if not str(rec.get("masked_sent", "")):
         raise FedloraError("secure aggregation: asked to sign a survivor set before this site sent its masked input")
     problem = _view_problem(node, req.survivors, req.dropped)
+    unshared = site.unshared_survivors(req.survivors)
+    if not problem and unshared:
+        problem = (f"survivors {unshared[:8]} are neighbours whose shares never reached this site (it did not mask with them; "
+                   "Bonawitz et al. 2017: survivors must be among those who shared)")
     if problem:
         raise FedloraError(f"secure aggregation: consistency check refused: {problem}")
     digest = view_digest(req.survivors, req.dropped)
@@ -391,7 +468,7 @@ def check(ctx: Context, content: RecordDict, *, credentials: Credentials | None 
             key, _ = key_signing.check_own(credentials)
         except KeyAuthError as e:
             raise FedloraError(f"secure aggregation: {e}") from None
-        sig = key_signing.sign_survivors(key, key_context(req.round_id, _sum_of(rec)), credentials.name, req.survivors, req.dropped)
+        sig = key_signing.sign_survivors(key, _context(rec), credentials.name, req.survivors, req.dropped)
     ctx.state[STATE_KEY] = ConfigRecord({**dict(rec), "view": digest})
     return RecordDict({ConsistencyReply.record: record_of(ConsistencyReply(sig=sig))})
 
@@ -408,13 +485,14 @@ def _check_view(node: int, threshold: int, req: UnmaskAsk, rec: ConfigRecord) ->
     if view_digest(req.survivors, req.dropped) != signed:
         raise UnmaskRefused(f"site {node}: the survivor set to unmask differs from the one this site signed (a split view)")
     certs = json.loads(str(rec.get("peer_certs", "") or "{}"))
-    context, alive = key_context(str(rec["round_id"]), _sum_of(rec)), set(req.survivors)
+    context, alive = _context(rec), set(req.survivors)
+    shared = set(site_from_json(str(rec["site"]))._held)  # only neighbours whose shares reached it count
     confirmed = {node}
     for signer, sig in zip(req.signers, req.sigs, strict=True):
         if len(confirmed) >= threshold:
             break
         entry = certs.get(str(signer))
-        if signer in confirmed or signer not in alive or entry is None:
+        if signer in confirmed or signer not in alive or signer not in shared or entry is None:
             continue
         if key_signing.survivors_signed(bytes.fromhex(entry[1]), sig, context, entry[0], req.survivors, req.dropped):
             confirmed.add(signer)

@@ -75,16 +75,23 @@ def run_task(address: str, token: str, app: ClientAppFn) -> str:
     return message.metadata.message_type if message is not None else "?"
 
 
-def serve(address: str, app: ClientAppFn, stop: threading.Event, *, poll: float = 0.05) -> None:
-    """Run tasks from the SuperNode's runtime API at ``address`` until ``stop`` is set. While
-    the SuperNode is away (restarting to reconnect), keep asking once a second."""
+def serve(address: str, app: ClientAppFn, stop: threading.Event, *, poll: float = 0.05,
+          busy: threading.Event | None = None) -> None:
+    """Run tasks from the SuperNode's runtime API at ``address`` until ``stop`` is set, which
+    is looked at between two tasks (a task under way runs to its end). ``busy`` is set while a
+    task runs. While the SuperNode is away (restarting to reconnect), keep asking once a second."""
+    busy = busy or threading.Event()
     while not stop.is_set():
         acquirer = _client(address, "SuperExec")
         try:
             while not stop.is_set():
                 res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
                 if res.HasField("task") and res.token:
-                    kind = run_task(address, res.token, app)
+                    busy.set()
+                    try:
+                        kind = run_task(address, res.token, app)
+                    finally:
+                        busy.clear()
                     log.debug("answered a %s message", kind)
                 else:
                     stop.wait(poll)

@@ -11,11 +11,15 @@ centrally (``make_certs``).
 
 ``fedlora server --config RUN.toml --address HOST:PORT --certs DIR --out RUN_DIR``: the
 coordinator (``fedlora.server.deploy``); ``--resume RUN_DIR`` continues a stopped run; without
-``--config`` it refuses to start unless ``--demo`` asks for the embedded demo plan.
+``--config`` it refuses to start unless ``--demo`` asks for the embedded demo plan. SIGTERM
+stops it as Ctrl-C does (``processes.stop_signals``): every process it started is ended, Flower's
+home folder removed, and it exits 130 naming the ``--resume`` command; it is the subreaper of its
+processes (``processes.become_subreaper``), so that none escapes the clean-up by being orphaned.
 
 ``fedlora client --server HOST:PORT --data PATH --domain NAME --key K --root-cert CA [--cert C]``:
-a site's agent (``fedlora.client.agent``), running until stopped; ``--cert`` (default: ``K``
-with suffix ``.crt``, when it exists) signs its secure-aggregation keys.
+a site's agent (``fedlora.client.agent``), running until stopped (SIGTERM or Ctrl-C: exit 0,
+also in the middle of a round); ``--cert`` (default: ``K`` with suffix ``.crt``, when it exists)
+signs its secure-aggregation keys.
 """
 
 from __future__ import annotations
@@ -163,6 +167,14 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
+    from .processes import become_subreaper, stop_signals
+
+    become_subreaper()  # Flower's SuperExec and ServerApp, orphaned, stay this process's to stop
+    with stop_signals():  # SIGTERM (systemd, Kubernetes, kill) takes Ctrl-C's way out
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
     from fedlora.server.deploy import plan_server, serve
 
     from .cli import check_complete, config_with_flags, run_overrides, warn_clear
@@ -197,7 +209,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
             print(f"  {name:<10} SKIPPED: {c['skipped']}")
             continue
         acc = "n/a" if c.get("accuracy") is None else f"{c['accuracy']:.3f}"
-        print(f"  {name:<10} accuracy {acc}   sites {len(c['sites'])}   adapter {plan.run_dir.path / 'adapters' / name}")
+        trained, joined = len(c.get("sites_trained", c["sites"])), len(c["sites"])
+        sites = f"{trained}" if trained == joined else f"{trained} trained of {joined} joined"
+        print(f"  {name:<10} accuracy {acc}   sites {sites}   adapter {plan.run_dir.path / 'adapters' / name}")
     for site, p in summary.get("privacy", {}).get("sites", {}).items():
         print(f"  {site:<14} epsilon {p['epsilon']:.3f} of {p['budget_epsilon']:g}")
     print(f"  rounds {summary['rounds_completed']}, bytes up {summary['bytes_up']:,}, down {summary['bytes_down']:,}")
@@ -220,7 +234,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
                        device=args.device, epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
                        eval_metrics=args.eval_metrics, public_size=args.public_size, model=args.model, state_dir=(args.state_dir or Path("fedlora-state") / name).resolve(),
                        connect_timeout=args.connect_timeout, allow_clear_aggregation=args.allow_clear_aggregation)
-    run_site(opts, say=lambda text: print(text, flush=True))
+    run_site(opts, say=lambda text: print(text, flush=True), hard_exit=True)
     return 0
 
 

@@ -161,13 +161,18 @@ STRATEGIES = {"fedavg": True, "median": False}
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """How the federation runs: engine, aggregation strategy, adapter wire dtype."""
+    """How the federation runs: engine, aggregation strategy, adapter wire dtype, how long replies are waited for."""
 
     engine: str = "inprocess"
     strategy: str = "fedavg"
     wire_dtype: str = "float32"
     ray_cpus_per_site: float = 1.0
     site_sample_rate: float = 1.0  # each round, every site of a cohort is sampled independently with this probability
+    # seconds the coordinator waits for a site's reply to each message of a kind; a site that has not answered by then
+    # is left out of that round and named ("timed out after N s"); secure-aggregation stages: secure_aggregation.stage_timeout
+    train_timeout: float = 3600.0
+    evaluate_timeout: float = 3600.0
+    query_timeout: float = 600.0  # the handshake (who are you, which cohort)
 
     def __post_init__(self) -> None:
         _one_of("federation.engine", self.engine, ("inprocess", "ray"))
@@ -177,6 +182,10 @@ class FederationConfig:
                  "federation.ray_cpus_per_site", self.ray_cpus_per_site, "must be > 0")
         _require(isinstance(self.site_sample_rate, (int, float)) and 0 < self.site_sample_rate <= 1,
                  "federation.site_sample_rate", self.site_sample_rate, "must be in (0, 1]")
+        for key in ("train_timeout", "evaluate_timeout", "query_timeout"):
+            v = getattr(self, key)
+            _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, f"federation.{key}", v,
+                     "must be a number of seconds > 0")
 
 
 @dataclass(frozen=True)

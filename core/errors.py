@@ -7,6 +7,8 @@ SITE_ERROR_CODE = 4201  # the site refused the message (bad data, wrong cohort, 
 BUDGET_EXHAUSTED_CODE = 4202  # the round would exceed the site's privacy budget
 POLICY_REFUSED_CODE = 4203  # the coordinator asked for less privacy than the site's policy allows
 PROTOCOL_ERROR_CODE = 4204  # the message is malformed (a key missing, of the wrong type, unknown)
+DATA_MISMATCH_CODE = 4205  # the site's data does not fit its cohort (labels, columns): details stay in the site's own log
+UNKNOWN_COHORT_CODE = 4206  # the site's cohort (--domain) is not one of this federation's
 
 INCOMPLETE_EXIT = 10  # the run finished, but some cohort was skipped (too few sites for secure aggregation)
 
@@ -29,6 +31,12 @@ class ConfigError(FedloraError):
 
 class DataError(FedloraError):
     """A site's data file cannot be used; the message names the file (and row, column)."""
+
+    exit_code = 3
+
+
+class UnknownCohort(FedloraError):
+    """A site's cohort (``--domain``) is not one of those the coordinator trains."""
 
     exit_code = 3
 

@@ -9,6 +9,11 @@ and exit with it, normally on their own).
 Processes are known by identity: a pid and its start time (``/proc/<pid>/stat`` field 22). A
 pid is reused once its process is reaped; the pair is not, so a signal never reaches a
 process that merely inherited a pid (it is sent through a pidfd opened on the checked process).
+
+SIGTERM is how systemd, Kubernetes and ``kill`` stop a service: under ``stop_signals`` it takes
+the way out Ctrl-C takes (``Terminated``, a KeyboardInterrupt), and ``shielded`` keeps a second
+signal from cutting the clean-up short. ``stop_all`` ends everything a process started, also
+what Flower starts in sessions of its own, and (``become_subreaper``) what was orphaned meanwhile.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -238,6 +245,105 @@ class ProcessSet:
             return []
         self.signal(signal.SIGKILL, alive)
         return self.wait_gone(kill_wait)
+
+
+def stop_all(procs: Sequence[subprocess.Popen], grace: float = 10.0, kill_wait: float = KILL_WAIT) -> list[ProcInfo]:
+    """Stop everything this process started: ``procs`` and every other descendant of this
+    process, Flower's SuperExec and ServerApp included (started in sessions of their own, they
+    are still children of their parents; and under ``become_subreaper`` an orphan is a child of
+    this process): SIGTERM to all at once, up to ``grace`` s, then SIGKILL to the rest, up to
+    ``kill_wait`` s. A member's zombie is reaped here (``procs`` by their Popen, so that their
+    exit status stays right). Returns what is still alive then (normally nothing)."""
+    mine = {p.pid: p for p in procs}
+
+    def reap(info: ProcInfo) -> None:
+        if (p := mine.get(info.pid)) is not None:
+            p.poll()
+            return
+        try:
+            os.waitpid(info.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+    left = ProcessSet(descendants(os.getpid()), reap=reap).terminate(grace, kill_wait)
+    for p in procs:
+        p.poll()
+    return left
+
+
+def become_subreaper() -> bool:
+    """Make this process the subreaper of its descendants (Linux ``PR_SET_CHILD_SUBREAPER``): one
+    whose parent dies (Flower's SuperExec when the SuperLink goes, the ServerApp when SuperExec
+    does) is reparented here instead of to init, so that ``stop_all`` still finds it. False where
+    that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (``stop_signals``): raised in the main thread where Ctrl-C raises
+    KeyboardInterrupt, so that both leave the same way (every ``finally`` and ``__exit__`` runs)."""
+
+    def __init__(self, signame: str = "SIGTERM") -> None:
+        super().__init__(signame)
+        self.signame = signame
+
+
+@dataclass
+class _StopState:
+    raised: bool = False  # a stop signal was raised: later ones only noted
+    shield: int = 0  # > 0 inside ``shielded()``: clean-up that a stop signal must not cut short
+    note: Callable[[str], None] | None = None
+
+
+_STOP = _StopState()
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stop_signals(note: Callable[[str], None] | None = None) -> Iterator[None]:
+    """While inside (in the main thread; elsewhere it does nothing): the first SIGTERM raises
+    ``Terminated`` and the first SIGINT KeyboardInterrupt, wherever the main thread is, except
+    inside ``shielded()``; a later one, or one inside ``shielded()``, is only noted (``note``,
+    default stderr) so that a second Ctrl-C cannot cut the clean-up short (SIGKILL still ends the
+    process). The previous handlers are restored on leaving."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if _STOP.raised or _STOP.shield:
+            (_STOP.note or _note)(f"fedlora: {name}: already stopping (waiting for the processes to end; SIGKILL ends it at once)")
+            return
+        _STOP.raised = True
+        raise Terminated(name) if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    saved = (_STOP.raised, _STOP.shield, _STOP.note)
+    _STOP.raised, _STOP.shield, _STOP.note = False, 0, note
+    try:
+        yield
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
+        _STOP.raised, _STOP.shield, _STOP.note = saved
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """A block that no stop signal interrupts (``stop_signals``): one that arrives meanwhile is
+    noted, not raised; neither now nor afterwards (this is the clean-up of a process that is
+    ending anyway)."""
+    _STOP.shield += 1
+    try:
+        yield
+    finally:
+        _STOP.shield -= 1
 
 
 def free_port(host: str = "127.0.0.1") -> int:

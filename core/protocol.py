@@ -9,7 +9,7 @@ or an unknown key is a ``ProtocolError`` naming the message, the record and the 
 
 Messages (``message_type``: request records -> reply records):
 
-* ``query``:    ``config`` (``ModelOffer``), ``hello`` (``HelloAsk``) -> ``site`` (``SiteInfo``)
+* ``query``:    ``config`` (``ModelOffer``), ``hello`` (``HelloAsk``), ``cohorts`` (``CohortsOffer``) -> ``site`` (``SiteInfo``)
 * ``train``:    ``config`` (``RoundPlan`` + ``PrivacyAsk`` + ``ClientDpAsk``), ``adapter`` (arrays),
                 optionally ``secagg`` (``SecAggSetup``)
                 -> ``update`` (arrays) + ``metrics`` (``TrainMetrics``), or ``secagg`` (``SecAggKeys``);
@@ -27,6 +27,7 @@ Messages (``message_type``: request records -> reply records):
 from __future__ import annotations
 
 import functools
+import json
 import math
 import typing
 from collections.abc import Mapping
@@ -158,6 +159,25 @@ class HelloAsk(Part):
 
     record: ClassVar[str] = "hello"
     challenge: bytes = _key("challenge")
+
+
+@dataclass(frozen=True)
+class CohortsOffer(Part):
+    """The cohorts this run trains and each one's labels (record ``cohorts`` of ``query``; public,
+    from the run's config): a joining site checks its own cohort is one of them and its data
+    against that cohort's labels before it joins, and stops at its side on a mismatch.
+    ``labels[i]`` is the JSON list of ``names[i]``'s labels."""
+
+    record: ClassVar[str] = "cohorts"
+    names: tuple[str, ...] = _key("names")
+    labels: tuple[str, ...] = _key("labels")
+
+    def labels_of(self, cohort: str) -> list[str] | None:
+        """The labels of ``cohort``, or None when this run does not train it."""
+        for name, text in zip(self.names, self.labels, strict=True):
+            if name == cohort:
+                return [str(x) for x in json.loads(text)]
+        return None
 
 
 @dataclass(frozen=True)
@@ -467,7 +487,7 @@ def arrays(content_: RecordDict, name: str, message: str) -> ArrayRecord:
 # Every message type and the parts of its request and reply: what the contract test walks and
 # what the README's "what the coordinator sees" table is checked against.
 MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
-    "query": {"request": (), "reply": (SiteInfo,)},
+    "query": {"request": (HelloAsk, CohortsOffer), "reply": (SiteInfo,)},
     "train": {"request": (RoundPlan, PrivacyAsk, ClientDpAsk, SecAggSetup),
               "reply": (TrainMetrics, SecAggKeys, PrivacyStatus)},
     "evaluate": {"request": (RoundPlan, PrivacyAsk, SecAggSetup), "reply": (EvalMetrics, EvalKept, SecAggKeys, PrivacyStatus)},

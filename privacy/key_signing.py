@@ -15,12 +15,17 @@ victim and unmasks the victim's update. With it, each relayed key comes with
 What is signed (``statement``), a canonical byte string: ``DOMAIN`` followed by, in this order,
 each field as a 4-byte big-endian length and its bytes::
 
-    round_id (UTF-8)  cohort (UTF-8)  round (decimal ASCII)  kind (UTF-8)  site name (UTF-8)  c_pk (32 bytes)  s_pk (32 bytes)
+    round_id  cohort  round (decimal ASCII)  kind  request  site name  c_pk (32 bytes)  s_pk (32 bytes)
 
-``round_id`` is the instance id of ``SecAggSetup``; ``cohort``, ``round`` and ``kind`` are what the
-site itself knows the sum is for (``SumOf``; empty, 0 and empty when unknown). The verifier
-rebuilds the statement from its *own* round id and sum and the name in the peer's certificate,
-so a signature made for another round, sum, kind or site, or over other keys, does not verify.
+(text fields UTF-8). ``round_id`` is the instance id of ``SecAggSetup``; ``cohort``, ``round`` and
+``kind`` are what the site itself knows the sum is for (``SumOf``; empty, 0 and empty when
+unknown); ``request`` is the SHA-256 of everything the site was asked for this sum except its own
+neighbour list (``fedlora.client.secagg_site.request_digest``: the setup's threshold, modulus,
+quantiser and weight scale, the round plan, the privacy asks, the adapter). The verifier rebuilds
+the statement from its *own* round id, sum and request and the name in the peer's certificate, so
+a signature made for another round, sum, kind or site, over other keys, or by a peer that was
+asked something else (a coordinator sending each site its own setup, e.g. a weight scale that
+zeroes every peer's contribution but the victim's), does not verify.
 
 What a verifier checks (``verify_peers``), refusing with ``KeyAuthError`` naming the peer and the
 reason: a signature and a certificate are present; the certificate chains to the CA and meets
@@ -77,6 +82,7 @@ class KeyContext:
     cohort: str = ""
     round: int = 0
     kind: str = ""
+    request: str = ""  # SHA-256 (hex) of what the site was asked: the same at every honest peer (secagg_site.request_digest)
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,8 @@ def _field(data: bytes) -> bytes:
 
 def statement(ctx: KeyContext, site: str, c_pk: bytes, s_pk: bytes) -> bytes:
     """The canonical byte string a site signs (module docstring); injective in its fields."""
-    parts = (ctx.round_id.encode(), ctx.cohort.encode(), str(int(ctx.round)).encode(), ctx.kind.encode(), site.encode(),
-             bytes(c_pk), bytes(s_pk))
+    parts = (ctx.round_id.encode(), ctx.cohort.encode(), str(int(ctx.round)).encode(), ctx.kind.encode(), ctx.request.encode(),
+             site.encode(), bytes(c_pk), bytes(s_pk))
     return DOMAIN + b"".join(_field(p) for p in parts)
 
 
@@ -216,8 +222,8 @@ def survivor_statement(ctx: KeyContext, site: str, survivors: Sequence[int], dro
     def ids(xs: Sequence[int]) -> bytes:
         return b"".join(int(x).to_bytes(8, "big") for x in sorted(xs))
 
-    parts = (ctx.round_id.encode(), ctx.cohort.encode(), str(int(ctx.round)).encode(), ctx.kind.encode(), site.encode(),
-             ids(survivors), ids(dropped))
+    parts = (ctx.round_id.encode(), ctx.cohort.encode(), str(int(ctx.round)).encode(), ctx.kind.encode(), ctx.request.encode(),
+             site.encode(), ids(survivors), ids(dropped))
     return SURVIVORS_DOMAIN + b"".join(_field(p) for p in parts)
 
 

@@ -33,7 +33,10 @@ Against an active coordinator (DESIGN.md section 7) a site also checks what it i
   masks), each a usable X25519 key;
 * stage 3 (Bonawitz et al. 2017, round 2: abort when ``|U_2| < t``): it masks only when the
   neighbours whose shares reached it, plus itself, are at least t; otherwise a coordinator
-  that withholds the shares gets ``y = x + PRG(b)`` and then ``b`` from the neighbours.
+  that withholds the shares gets ``y = x + PRG(b)`` and then ``b`` from the neighbours;
+* stage 4 (U3 within U2): it unmasks no view that counts alive a neighbour whose shares never
+  reached it (it did not mask with that one), else its b and the key shares of the neighbours
+  shown dropped would strip every mask it added.
 """
 
 from __future__ import annotations
@@ -66,18 +69,30 @@ MIN_NEIGHBOURS = 2  # k: with one neighbour that neighbour's own input is all th
 MIN_THRESHOLD = 2  # t: one share must never open a secret
 
 
-def threshold_floor(k: int) -> int:
-    """The least threshold a site accepts in a group of k neighbours and itself: a strict
-    majority of the group, ``floor((k + 1) / 2) + 1``, and at least ``MIN_THRESHOLD``.
+def colluders_tolerated(k: int) -> int:
+    """c(k) = ceil((k + 1) / 3) - 1: how many colluding sites (they reveal both shares) of a
+    group of k + 1 a site's floor threshold is built to tolerate (fewer than a third)."""
+    return -(-(k + 1) // 3) - 1
 
-    Why a majority: to unmask site v's input the coordinator needs t shares of ``b_v`` and t
-    shares of ``s_v``. Each of the k + 1 holders reveals at most one of the two per round (a
-    neighbour never both, ``UnmaskRefused``; v never its own ``s`` share), so even with split
-    views of who survived it gets both only if ``2 t <= k + 1``. With c colluding sites in the
-    group (they reveal both) the condition is ``2 t > k + 1 + c``: the coordinator's default
-    ``ceil(2 (k + 1) / 3)`` tolerates c < (k + 1) / 3; the floor here tolerates none beyond
-    what a consistency check (another layer) adds."""
-    return max(MIN_THRESHOLD, (k + 1) // 2 + 1)
+
+def threshold_floor(k: int) -> int:
+    """The least threshold a site accepts in a group of k neighbours and itself: the least t
+    with ``2 t > k + 1 + c(k)`` (``colluders_tolerated``), i.e. ``floor((k + 1 + c) / 2) + 1``,
+    and at least ``MIN_THRESHOLD``; it equals the coordinator's default ``ceil(2 (k + 1) / 3)``.
+
+    Why: to unmask site v's input the coordinator needs t shares of ``b_v`` and t shares of
+    ``s_v``. Each honest holder of the k + 1 reveals at most one of the two per sum (a neighbour
+    never both, ``UnmaskRefused``; v never its own ``s`` share); each of c colluders reveals
+    both. With split views of who survived the coordinator gets at most ``k + 1 + c`` shares in
+    all, so both secrets need ``2 t <= k + 1 + c``: refused when ``2 t > k + 1 + c``. A strict
+    majority (``2 t > k + 1``) would let one colluder with split views open a site of a group of
+    5 at t = 3 (the consistency check, another layer, stops it in complete graphs only).
+    This counts the shares of v's own two secrets. The other route to ``x_v`` (v's b plus the
+    keys of the neighbours v masked with, those shown "dropped", while the neighbours whose
+    shares were withheld from v are shown "alive") is closed by U3 within U2: v never unmasks a
+    view that counts alive a neighbour whose shares did not reach it (``unshared_survivors``)."""
+    c = colluders_tolerated(k)
+    return max(MIN_THRESHOLD, (k + 1 + c) // 2 + 1)
 
 
 def check_parameters(node: int, peers: Sequence[int], threshold: int) -> None:
@@ -97,7 +112,8 @@ def check_parameters(node: int, peers: Sequence[int], threshold: int) -> None:
         raise SecAggAbort(f"site {node}: threshold t = {threshold} exceeds the k + 1 = {k + 1} shares of each secret")
     if threshold < threshold_floor(k):
         raise SecAggAbort(f"site {node}: threshold t = {threshold} is below this site's floor {threshold_floor(k)} for k = {k} "
-                          f"neighbours (a strict majority of its group of {k + 1}, at least {MIN_THRESHOLD})")
+                          f"neighbours (2 t must exceed its group of {k + 1} plus the {colluders_tolerated(k)} colluder(s) it tolerates, "
+                          f"threshold_floor; at least {MIN_THRESHOLD})")
 
 
 def _kdf(secret: bytes, info: bytes) -> bytes:
@@ -244,8 +260,24 @@ class SecAggSite:
         return masking.reduce(y, m)
 
     # stage 4
+    def unshared_survivors(self, survivors: Iterable[int]) -> list[int]:
+        """The neighbours among ``survivors`` whose shares never reached this site at stage 3 (so it
+        did not mask with them). Bonawitz et al. 2017 require U3 within U2: a view that counts such
+        a neighbour alive lets the coordinator strip this site's self mask (its b, from the ones
+        shown it survived) and every pairwise mask it did add (the key shares of the ones shown
+        dropped), i.e. unmask this site's input alone."""
+        return sorted((set(survivors) & set(self.peers)) - set(self._held))
+
     def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, tuple[str, tuple[int, bytes]]]:
-        """Per neighbour: ("b", share) for a survivor, ("sk", share) for a dropped one."""
+        """Per neighbour: ("b", share) for a survivor, ("sk", share) for a dropped one. Refused
+        (``UnmaskRefused``, nothing revealed) for a view that names a peer both survived and
+        dropped, leaves out this site, or counts alive a neighbour whose shares did not reach it
+        (``unshared_survivors``)."""
+        survivors, dropped = list(survivors), list(dropped)
+        unshared = self.unshared_survivors(survivors)
+        if unshared:
+            raise UnmaskRefused(f"site {self.node}: survivors {unshared[:8]} are neighbours whose shares never reached this site "
+                                "(it did not mask with them); counting them alive would unmask its input alone")
         alive, gone = set(survivors), set(dropped)
         if alive & gone:
             raise UnmaskRefused(f"site {self.node}: sites {sorted(alive & gone)} are named both survived and dropped")

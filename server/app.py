@@ -25,6 +25,7 @@ from fedlora.tasks import get_task
 
 from .checkpoint import Checkpoint
 from .coordinator import Coordinator
+from .exchange import with_timeouts
 from .rundir import RunDir
 
 
@@ -40,7 +41,8 @@ def make_server_app(cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = Coordinator(cfg, run_dir, labels, expected_sites=expected_sites, progress=progress, resume=resume, ca_pem=ca_pem).run(grid)
+        summary = Coordinator(cfg, run_dir, labels, expected_sites=expected_sites, progress=progress, resume=resume,
+                              ca_pem=ca_pem).run(with_timeouts(grid, cfg.federation))
         if result is not None:
             result.update(summary)
 
@@ -96,7 +98,7 @@ def deployed(grid: Grid, context: Context) -> None:
     logger = logging.getLogger("fedlora")
     if not logger.handlers:  # the ServerApp's process: its stdout is streamed to `flwr run` (fedlora server's console)
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("fedlora %(levelname)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s fedlora %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
@@ -105,9 +107,11 @@ def deployed(grid: Grid, context: Context) -> None:
     try:
         labels = deployment_labels(cfg)
         expected = int(rc.get("min-sites") or cfg.total_sites)
+        registered = parse_registered(str(rc.get("registered", "")))
         Coordinator(cfg, run_dir, labels, expected_sites=expected, progress=False, wait_timeout=float(rc.get("wait-timeout") or 120.0),
-                    resume=resume, registered=parse_registered(str(rc.get("registered", ""))),
-                    ca_pem=Path(str(rc["ca-pem"])).read_text(encoding="utf-8") if rc.get("ca-pem") else "").run(grid)
+                    resume=resume, registered=registered,
+                    ca_pem=Path(str(rc["ca-pem"])).read_text(encoding="utf-8") if rc.get("ca-pem") else "",
+                    engine="deployment").run(with_timeouts(grid, cfg.federation, registered))  # a site that does not answer is left out
     except FedloraError as e:
         run_dir.write_json("error.json", {"error": str(e), "exit_code": e.exit_code})
         print(f"fedlora: error: {e}", flush=True)

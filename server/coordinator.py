@@ -22,6 +22,7 @@ aggregates it in the clear; if every cohort would be skipped the run stops befor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -33,9 +34,10 @@ from flwr.serverapp import Grid
 from tqdm import tqdm
 
 from fedlora.config import RunConfig
-from fedlora.errors import BUDGET_EXHAUSTED_CODE, POLICY_REFUSED_CODE, FederationError, FedloraError
+from fedlora.errors import (BUDGET_EXHAUSTED_CODE, DATA_MISMATCH_CODE, POLICY_REFUSED_CODE, UNKNOWN_COHORT_CODE, FederationError,
+                            FedloraError)
 from fedlora.model import ModelSpec, derive_seed, get_runtime
-from fedlora.protocol import (ClientDpAsk, HelloAsk, PrivacyAsk, RoundPlan, SecAggKeys, SiteInfo, TrainMetrics, arrays, read, read_event,
+from fedlora.protocol import (ClientDpAsk, CohortsOffer, HelloAsk, PrivacyAsk, RoundPlan, SecAggKeys, SiteInfo, TrainMetrics, arrays, read, read_event,
                               record_of)
 from fedlora.records import content_bytes, from_record, to_record
 from fedlora.privacy.events import ClientDpEvent, DpSgdEvent, EvalNoiseEvent, event_from_dict
@@ -58,13 +60,18 @@ from .secure_round import SecureAggregation, advertised_keys, too_small
 from .secure_round import validate as validate_secure_aggregation
 
 log = logging.getLogger("fedlora.server")
+# what the coordinator says of a site that refused to join (only the code comes from the site's data)
+_JOIN_REFUSALS = {DATA_MISMATCH_CODE: "its data does not fit its cohort's labels; it stopped at its side (details in its own log)",
+                  UNKNOWN_COHORT_CODE: "its cohort (--domain) is not one of this run's; it was told so and stopped"}
 
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]], *, expected_sites: int,
                  progress: bool = True, wait_timeout: float = 120.0, round_timeout: float | None = None,
-                 resume: Checkpoint | None = None, registered: dict[int, str] | None = None, ca_pem: str = "") -> None:
+                 resume: Checkpoint | None = None, registered: dict[int, str] | None = None, ca_pem: str = "",
+                 engine: str | None = None) -> None:
         self.cfg, self.run_dir, self.progress, self.resume = cfg, run_dir, progress, resume
+        self.engine = engine or cfg.federation.engine  # "deployment" under fedlora server, else the simulation engine
         self.registered = registered or {}  # node id -> site name of the sites allowed to join (deployment)
         self.ca_pem = ca_pem  # the federation CA (public): with it, a site is named by its certificate, never by what it says
         self.spec = ModelSpec.from_config(cfg)
@@ -79,6 +86,8 @@ class Coordinator:
         self.client_dp: ClientLevelDp | None = None  # set once the cohorts' sizes are known
         self.secagg = SecureAggregation(cfg.secure_aggregation, cfg.seed) if cfg.secure_aggregation.enabled else None
         self.skipped: dict[str, str] = {}  # cohort -> why it is skipped for the run (fail closed: too few sites for SecAgg)
+        self.seen: set[int] = set()  # every node asked who it is (discovery, _rejoin): each is asked once
+        self.trained: set[str] = set()  # the sites whose update went into an aggregate (summary.json "sites")
 
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None = None) -> dict[int, Message]:
@@ -99,16 +108,30 @@ class Coordinator:
                 log.warning("no reply from node %s (%s) within the timeout", m.metadata.dst_node_id, m.metadata.message_type)
         return out
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.wait_timeout
+    def _connected(self, nodes: list[int]) -> str:
+        """Who is connected and who is missing, by site name where the sites are registered."""
+        if not self.registered:
+            return f"{len(nodes)} of {self.expected_sites} site(s) connected"
+        here = sorted(self.registered.get(n, f"unregistered node {n}") for n in nodes)
+        missing = sorted(name for node, name in self.registered.items() if node not in nodes)
+        return (f"{len(nodes)} of {self.expected_sites} site(s) connected ({', '.join(here) or 'none'})"
+                + (f"; not connected: {', '.join(missing)}" if missing else ""))
+
+    def _wait_for_nodes(self, grid: Grid, say_every: float = 10.0) -> list[int]:
+        """Wait until ``expected_sites`` are connected, saying who is and who is missing every
+        ``say_every`` seconds; ``FederationError`` naming the missing ones at ``wait_timeout``."""
+        start = time.monotonic()
+        deadline, said = start + self.wait_timeout, start
         while True:
             nodes = sorted(grid.get_node_ids())
             if len(nodes) >= self.expected_sites:
                 return nodes
-            if time.monotonic() > deadline:
-                missing = sorted(name for node, name in self.registered.items() if node not in nodes)
-                who = f"; not connected: {', '.join(missing)}" if missing else ""
-                raise FederationError(f"only {len(nodes)} of {self.expected_sites} sites connected within {self.wait_timeout:.0f} s{who}")
+            now = time.monotonic()
+            if now > deadline:
+                raise FederationError(f"not enough sites within {self.wait_timeout:.0f} s: {self._connected(nodes)}")
+            if now - said >= say_every:
+                log.info("waiting for sites (%.0f of %.0f s): %s", now - start, self.wait_timeout, self._connected(nodes))
+                said = now
             time.sleep(0.5)
 
     def _identify(self, node: int, info: SiteInfo, challenge: bytes) -> str:
@@ -137,16 +160,26 @@ class Coordinator:
             name = self.registered[node]
         return name
 
+    def _hello(self, node: int, challenge: bytes) -> Message:
+        """The handshake (``query``): the base model, a fresh challenge for the site to sign, the
+        run's cohorts and their labels."""
+        offer = CohortsOffer(names=tuple(self.cohorts), labels=tuple(json.dumps(c.labels) for c in self.cohorts.values()))
+        return Message(RecordDict({"config": ConfigRecord(self.spec.to_flat()), HelloAsk.record: record_of(HelloAsk(challenge=challenge)),
+                                   CohortsOffer.record: record_of(offer)}), node, "query", group_id="0")
+
     def _discover(self, grid: Grid) -> None:
         nodes = self._wait_for_nodes(grid)
-        log.info("%d site(s) connected", len(nodes))
+        log.info("%s", self._connected(nodes))
+        self.seen |= set(nodes)
         challenges = {node: os.urandom(32) for node in nodes}
-        replies = self._exchange(grid, [Message(RecordDict({"config": ConfigRecord(self.spec.to_flat()),
-                                                            HelloAsk.record: record_of(HelloAsk(challenge=challenges[node]))}),
-                                                node, "query", group_id="0") for node in nodes])
+        replies = self._exchange(grid, [self._hello(node, challenges[node]) for node in nodes])
+        refused: dict[str, str] = {}
         for node, reply in sorted(replies.items()):
             if reply.has_error():
-                log.warning("node %s (%s) did not join: %s", node, self.registered.get(node, "unregistered"), reply.error.reason)
+                who = self.registered.get(node, f"node {node}")
+                why = _JOIN_REFUSALS.get(reply.error.code, "")
+                refused[who] = why or reply.error.reason
+                log.warning("%s did not join: %s", who, why or reply.error.reason)
                 continue
             try:
                 info = read(SiteInfo, reply.content, "query")
@@ -162,9 +195,46 @@ class Coordinator:
                 log.warning("node %s calls itself %s, a name another site already holds; refused", node, name)
                 continue
             self.cohorts[cohort].nodes[node] = name
+        joined = "; ".join(f"{c.name}: {', '.join(sorted(c.nodes.values())) or 'none'}" for c in self.cohorts.values())
+        log.info("joined: %s%s", joined, f"; did not join: {', '.join(sorted(refused))}" if refused else "")
         empty = [c for c, co in self.cohorts.items() if not co.nodes]
         if empty:
             raise FederationError(f"no site joined cohort(s) {', '.join(empty)}")
+
+    def _rejoin(self, grid: Grid, round_: int) -> None:
+        """Take back a site of this run that reconnected under a new node id: its process
+        restarted, and without SuperNode authentication Flower gives a restarted SuperNode a new
+        id (with it, the id is the registered key's, and the site is simply online again). Every
+        node not asked before is asked who it is, as at discovery (``_identify``: by its certificate
+        or registered key where there are those); a site of the run whose old node is offline takes
+        its place in its cohort from this round on. Nobody else joins mid-run: a cohort's sites are
+        fixed at discovery (secure aggregation, client-level DP and the sampling rest on them)."""
+        online = set(grid.get_node_ids())
+        new = sorted(online - self.seen)
+        if not new:
+            return
+        self.seen |= set(new)
+        challenges = {node: os.urandom(32) for node in new}
+        replies = self._exchange(grid, [self._hello(node, challenges[node]) for node in new])
+        for node, reply in sorted(replies.items()):
+            try:
+                if reply.has_error():
+                    raise FedloraError(_JOIN_REFUSALS.get(reply.error.code, "") or reply.error.reason)
+                info = read(SiteInfo, reply.content, "query")
+                name = self._identify(node, info, challenges[node])
+            except FedloraError as e:
+                log.warning("round %d: node %s did not rejoin: %s", round_, node, e)
+                continue
+            cohort = self.cohorts.get(info.cohort)
+            old = next((n for n, s in cohort.nodes.items() if s == name), None) if cohort is not None else None
+            if cohort is None or old is None:
+                log.warning("round %d: site %s (cohort %r) connected after the run started; a run's sites are those that joined "
+                            "at its start (or at fedlora server --resume)", round_, name, info.cohort)
+            elif old in online:
+                log.warning("round %d: node %s calls itself %s, a name a connected site holds; refused", round_, node, name)
+            else:
+                cohort.nodes = {(node if n == old else n): s for n, s in cohort.nodes.items()}
+                log.info("round %d: site %s rejoined (restarted: node %s, before %s)", round_, name, node, old)
 
     def _content(self, cohort: Cohort, round_: int, extra: ClientDpAsk | None = None) -> RecordDict:
         t, p = self.cfg.train, self.cfg.privacy
@@ -308,9 +378,12 @@ class Coordinator:
 
     def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
         before = self.bytes_up, self.bytes_down
+        self._rejoin(grid, round_)  # a site that restarted (a new node id) trains again from this round
         replies = self._exchange(grid, self._broadcast("train", round_))
         for cohort in (c for c in self.cohorts.values() if c.active):
             got = self._collect(cohort, replies, round_)
+            if not cohort.secure:  # every accepted clear update goes into the aggregate
+                self.trained.update(u.site for u in got.updates)
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"sites_refused_budget": got.refused, "sites_selected": len(cohort.selected), "sites_trained": len(got.updates),
                           "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds)) if got.seconds else None})
@@ -373,6 +446,7 @@ class Coordinator:
             entry.update(failed_entry(cohort, got, failed))
             return
         entry.update(failed_entry(cohort, got, {u: "dropped out" for u in set(got.advertised) - set(survivors)} | failed))
+        self.trained.update(cohort.nodes[u] for u in survivors if u in cohort.nodes)
         entry.update({"sites_trained": agg.sites, "values_clipped": agg.clipped,
                       "train_loss": None if got.private else agg.mean_loss, "site_train_seconds": None, **info})
         if event is not None:
@@ -497,8 +571,8 @@ class Coordinator:
         summary = {
             "rounds_completed": rounds,
             "resumed_after_round": self.resume.round if self.resume is not None else None,
-            "sites": sum(len(c.nodes) for c in self.cohorts.values()),
-            "engine": self.cfg.federation.engine,
+            "sites": len(self.trained),  # sites whose update went into an aggregate (joined but never trained: not counted)
+            "engine": self.engine,
             "seed": self.cfg.seed,
             "model": self.cfg.model.source,
             "task": self.cfg.task.kind,
@@ -512,6 +586,8 @@ class Coordinator:
                         for c in self.cohorts.values()},
             "cohorts_skipped": sorted(self.skipped),
         }
+        for c in self.cohorts.values():  # the cohort's "sites" are those that joined; these, those that trained
+            summary["cohorts"][c.name]["sites_trained"] = sorted(self.trained & set(c.nodes.values()))
         summary["privacy"] = privacy_summary(self.cfg.privacy, self.client_dp, self.ledger, self.cohorts)
         with_warnings(summary, dp=self.cfg.privacy.dp)
         self.run_dir.write_json("summary.json", summary)

@@ -79,8 +79,9 @@ def plan(cfg: SecureAggregationConfig, n: int) -> tuple[int, int, Quantizer]:
     if t > k + 1:
         raise ValueError(f"threshold {t} exceeds the {k + 1} shares of each secret (k = {k} neighbours + the site itself)")
     if t < floor:
-        raise ValueError(f"threshold t = {t} is below the sites' floor {floor} for k = {k} neighbours (a strict majority of each "
-                         f"group of {k + 1}, fedlora.privacy.secagg.threshold_floor): every site would refuse it at stage 1")
+        raise ValueError(f"threshold t = {t} is below the sites' floor {floor} for k = {k} neighbours (2 t must exceed each group "
+                         f"of {k + 1} plus the colluders it tolerates, fedlora.privacy.secagg.threshold_floor): every site would "
+                         "refuse it at stage 1")
     q = Quantizer(cfg.clip_range, cfg.bits, min(64, cfg.bits + math.ceil(math.log2(n + 1))))
     q.check_no_overflow(n)
     return k, t, q

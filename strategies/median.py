@@ -1,31 +1,41 @@
-"""Coordinate-wise median of the sites' updates (Yin et al., ICML 2018): a robust rule.
+"""Coordinate-wise median of the sites' updates (Yin et al., "Byzantine-Robust Distributed
+Learning: Towards Optimal Statistical Rates", ICML 2018): a robust rule.
 
 Update rule, per coordinate::
 
     theta_next = theta + median_k delta_k
 
-(unweighted: a site's example count cannot buy it more influence). A minority of arbitrary
-updates moves each coordinate at most to the range of the honest ones. It needs every site's
-update individually, so it cannot run under secure aggregation (which reveals only the sum);
-the coordinator refuses that combination before the run starts.
+(unweighted: a site's example count cannot buy it more influence; with an even number of
+sites, the mean of the two middle values). A minority of arbitrary updates moves each
+coordinate at most to the range of the honest ones. It needs every site's update
+(``needs = "each"``), so it cannot run under secure aggregation, which reveals only the sum.
+
+Flower: ``flwr.serverapp.strategy.FedMedian`` takes the median of the sites' parameters
+``theta_k = theta + delta_k``; the median commutes with the shift, so it is the same rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
-from .base import SiteUpdate, State, Strategy
+from .base import Combined, State, Strategy, StrategyState, apply, as_each
+
+
+def coordinate_median(arrays: list[np.ndarray]) -> np.ndarray:
+    """The median over the first axis of the stacked ``arrays`` (float64)."""
+    return np.median(np.stack([np.asarray(a, dtype=np.float64) for a in arrays]), axis=0)
 
 
 class CoordinateMedian(Strategy):
     name = "median"
-    linear = False
+    needs = "each"
 
-    def aggregate(self, global_state: State, updates: Sequence[SiteUpdate]) -> dict[str, np.ndarray]:
-        if not updates:
-            raise ValueError("no updates to aggregate")
-        return {k: (np.asarray(v, dtype=np.float64)
-                    + np.median(np.stack([np.asarray(u.delta[k], dtype=np.float64) for u in updates]), axis=0)).astype(np.float32)
-                for k, v in global_state.items()}
+    def weight(self, num_examples: float) -> float:
+        """Unweighted: every site counts once."""
+        super().weight(num_examples)  # still refuses a nonsensical count
+        return 1.0
+
+    def step(self, cohort: str, round_: int, global_state: State, combined: Combined,
+             state: StrategyState) -> tuple[dict[str, np.ndarray], StrategyState]:
+        updates = as_each(self.name, cohort, round_, global_state, combined)
+        return apply(global_state, {k: coordinate_median([u.delta[k] for u in updates]) for k in global_state}), {}

@@ -5,8 +5,10 @@ session, and a ``ProcessTree`` follows each one and everything it starts: childr
 (``flower-superexec``, which the SuperLink starts in a session of its own, ``flwr-serverapp``,
 ``flower-supernode``), also once orphaned, because the test process is their subreaper
 (``PR_SET_CHILD_SUBREAPER``) while a tree is open. On exit every one of them is stopped
-(SIGTERM, a bounded wait, SIGKILL, a bounded wait) and ``live_processes`` names whatever is
-still alive after a generous deadline: a busy machine is slow, a process that stays is a bug.
+(SIGTERM, a bounded wait, SIGKILL, a bounded wait; a process that joins the tree meanwhile gets
+the same signal) and ``live_processes`` names whatever is still alive after a generous deadline:
+a busy machine is slow, a process that stays is a bug. Every check waits, none looks once:
+``leftovers_of`` waits for one started process and everything it started to be gone.
 """
 
 from __future__ import annotations
@@ -129,11 +131,44 @@ class ProcessTree:
                         pass
             self._set.signal(sig)
 
-    def _wait_gone(self, timeout: float) -> list[ProcInfo]:
+    def _wait_gone(self, timeout: float, resend: int | None = None) -> list[ProcInfo]:
+        """Look until the tree is gone or ``timeout`` s have passed; with ``resend``, that signal goes
+        to every process that joined the tree since it was sent (a dying parent may still start one)."""
         deadline = time.monotonic() + timeout
+        sent = {p.key for p in self.alive()}
         while (alive := self.alive()) and time.monotonic() < deadline:
+            if resend is not None:
+                for p in alive:
+                    if p.key not in sent:
+                        send_signal(p, resend)
+                        sent.add(p.key)
             time.sleep(0.1)
         return alive
+
+    def subtree(self, root: subprocess.Popen) -> list[ProcInfo]:
+        """``root`` and every process of the tree descended from it (by the parent each had when
+        first seen: also one orphaned since, or in a session of its own), alive or not."""
+        with self._lock:
+            members = list(self._set.members.values())
+        keys = {p.key for p in members if p.pid == root.pid}
+        grew = True
+        while grew:
+            pids = {k[0] for k in keys}
+            new = {p.key for p in members if p.ppid in pids and p.key not in keys}
+            keys |= new
+            grew = bool(new)
+        return [p for p in members if p.key in keys]
+
+    def leftovers_of(self, root: subprocess.Popen, timeout: float = CHECK_WAIT) -> list[str]:
+        """Wait up to ``timeout`` s for ``root`` and all it started to be gone; a description of
+        each still alive then (``[]`` when none)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            keys = {p.key for p in self.subtree(root)}
+            alive = [p for p in self.alive() if p.key in keys]
+            if not alive or time.monotonic() >= deadline:
+                return sorted(p.describe() for p in alive)
+            time.sleep(0.1)
 
     def shutdown(self, term_grace: float = TERM_GRACE, kill_wait: float = KILL_WAIT) -> None:
         """SIGTERM to every process of the tree (and every root's group); wait until all are
@@ -144,12 +179,13 @@ class ProcessTree:
         try:
             if running := self.alive():
                 self._signal_all(signal.SIGTERM)
-                if stayed := self._wait_gone(term_grace):
+                self._signal_all(signal.SIGCONT)  # a process a test paused (``pause``) acts on its SIGTERM
+                if stayed := self._wait_gone(term_grace, resend=signal.SIGTERM):
                     self.needed_kill = sorted(p.describe() for p in stayed)
                     print(f"process tree: {len(stayed)} process(es) still running {term_grace:.0f} s after SIGTERM, SIGKILLed:",
                           *self.needed_kill, sep="\n  ", file=sys.stderr)
                     self._signal_all(signal.SIGKILL)
-                    self._wait_gone(kill_wait)
+                    self._wait_gone(kill_wait, resend=signal.SIGKILL)
                 print(f"process tree: {len(running)} process(es) running at shutdown, {len(self._set.members)} seen in all; "
                       f"shutdown took {time.monotonic() - started:.1f} s", file=sys.stderr)
         finally:
@@ -171,7 +207,56 @@ def live_processes(tree: ProcessTree, timeout: float = CHECK_WAIT) -> list[str]:
     return tree.leftovers(timeout)
 
 
-class LocalDeployment:
+class _Started:
+    """What ``LocalDeployment`` and ``Processes`` share: the processes started by name (each in a
+    session of its own), their logs, signals to them and checks that they are gone."""
+
+    procs: dict[str, subprocess.Popen]
+    tree: ProcessTree | None
+    logs: Path
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout} s; its log:\n{self.log(name)[-4000:]}") from None
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = KILL_WAIT) -> None:
+        """``sig`` to the whole group of ``name``; returns once ``name`` itself has exited."""
+        assert self.tree is not None
+        self.tree.signal_group(self.procs[name], sig)
+        self.wait(name, timeout)
+
+    def signal(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """``sig`` to the process ``name`` only, as systemd (``KillMode=mixed``), Kubernetes and
+        ``kill PID`` send it: the process must end what it started itself."""
+        proc = self.procs[name]
+        info = proc_info(proc.pid)
+        assert proc.returncode is None and info is not None, f"{name} is not running"
+        send_signal(info, sig)
+
+    def leftovers_of(self, name: str, timeout: float = CHECK_WAIT) -> list[str]:
+        """Wait (up to ``timeout`` s) until ``name`` and every process it started are gone; each one
+        still alive then, described (``[]``: none)."""
+        assert self.tree is not None
+        return self.tree.leftovers_of(self.procs[name], timeout)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP to the process ``name`` only: for a ``fedlora client``, its ClientApp worker
+        stops answering while its SuperNode (another process) stays connected, so that the
+        coordinator waits for this site (a slow site) without counting it as offline. Only while
+        the worker is between messages is that safe for long: Flower expires a task whose
+        heartbeat stops for a minute."""
+        self.signal(name, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.signal(name, signal.SIGCONT)
+
+
+class LocalDeployment(_Started):
     """``with LocalDeployment(tmp) as d: d.site(...); d.run(project)``: an insecure SuperLink on loopback.
     ``d.submit(project)`` starts ``flwr run`` without waiting (``d.wait("flwr-run", ...)``), so that
     a test can act during the run, e.g. ``d.kill(site)``."""
@@ -197,21 +282,6 @@ class LocalDeployment:
         self.tree.add(proc)
         return proc
 
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def wait(self, name: str, timeout: float) -> int:
-        try:
-            return self.procs[name].wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{name} still running after {timeout} s; its log:\n{self.log(name)[-4000:]}") from None
-
-    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = KILL_WAIT) -> None:
-        """``sig`` to the whole group of ``name``; returns once ``name`` itself has exited."""
-        assert self.tree is not None
-        self.tree.signal_group(self.procs[name], sig)
-        self.wait(name, timeout)
-
     def __enter__(self) -> LocalDeployment:
         self.home.mkdir(parents=True)
         self.logs.mkdir(parents=True)
@@ -227,10 +297,11 @@ class LocalDeployment:
             raise
         return self
 
-    def site(self, name: str, domain: str, data: Path, state: Path) -> None:
-        """``fedlora client --insecure`` (SuperNode + warm ClientApp) for one site."""
-        self._start(name, ["fedlora", "client", "--insecure", "--server", f"127.0.0.1:{self.port}", "--domain", domain, "--name", name,
-                           "--data", str(data), "--state-dir", str(state)])
+    def site(self, name: str, domain: str, data: Path, state: Path, label: str | None = None) -> subprocess.Popen:
+        """``fedlora client --insecure`` (SuperNode + warm ClientApp) for site ``name``, a process
+        of the tree named ``label`` (default ``name``; another label for the same site restarted)."""
+        return self._start(label or name, ["fedlora", "client", "--insecure", "--server", f"127.0.0.1:{self.port}", "--domain", domain,
+                                           "--name", name, "--data", str(data), "--state-dir", str(state)])
 
     @staticmethod
     def _run_args(project: Path, run_config: dict[str, object] | None) -> list[str]:
@@ -261,7 +332,7 @@ class LocalDeployment:
 FEDLORA = BIN / "fedlora"
 
 
-class Processes:
+class Processes(_Started):
     """``fedlora server`` / ``fedlora client`` processes of one test, each in its own session
     (so that a kill reaches its whole group: SuperLink, SuperNode, Flower's helpers); on exit
     the whole tree is stopped, and ``live_processes(p.tree)`` must then be empty."""
@@ -291,21 +362,6 @@ class Processes:
         self.procs[name] = proc
         self.tree.add(proc)
         return proc
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def kill(self, name: str, sig: int = signal.SIGKILL, timeout: float = KILL_WAIT) -> None:
-        """``sig`` to the whole group of ``name``; returns once ``name`` itself has exited."""
-        assert self.tree is not None
-        self.tree.signal_group(self.procs[name], sig)
-        self.wait(name, timeout)
-
-    def wait(self, name: str, timeout: float) -> int:
-        try:
-            return self.procs[name].wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{name} still running after {timeout} s; its log:\n{self.log(name)[-4000:]}") from None
 
     def __enter__(self) -> Processes:
         self.tree = ProcessTree()

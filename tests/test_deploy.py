@@ -4,13 +4,16 @@ authentication) and `fedlora client` processes (SuperNodes with the warm ClientA
 * three sites (finance, medical, retail) complete a DP run whose run directory equals what
   `fedlora simulate` writes for the same config, seed and data; meanwhile a site with an
   unregistered key, a site trusting another CA and a registered site holding another base
-  model are all refused, each with a message naming the problem;
-* the coordinator is SIGKILLed mid-run and resumed: final adapters and epsilon equal to an
+  model are all refused, each with a message naming the problem, and a stranger holding only
+  the public ca.pem is refused `flwr run` of an app of theirs and `flwr supernode register`
+  of a key of theirs at the coordinator's address (which serves the Fleet API only);
+* the coordinator is stopped by SIGTERM mid-run (exit 130, the resume command named, no process
+  of it left, Flower's home folder removed) and resumed: final adapters and epsilon equal to an
   uninterrupted run (secure aggregation on);
 * an adapter of more than 200 MB makes the round trip.
 
-(A site killed in the middle of a secure round is in tests/test_deployment_secagg.py, on the
-federation that test starts anyway.) Each test checks that no process is left and that nothing
+(A site stopped by SIGTERM in the middle of a secure round and restarted is in
+tests/test_deployment_secagg.py, on the federation that test starts anyway.) Each test checks that no process is left and that nothing
 was written to Flower's default home (FLWR_HOME points at a folder that must stay absent). The
 reference ``fedlora simulate`` runs while the deployment does (its rounds mostly wait on the
 network), and is waited for before the comparison: nothing depends on which ends first.
@@ -19,7 +22,10 @@ network), and is waited for before the comparison: nothing depends on which ends
 from __future__ import annotations
 
 import json
+import re
+import signal
 import stat
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,7 @@ import tomli_w
 from safetensors.numpy import load_file
 
 from deployment import Processes, free_port, live_processes, wait_for
+from fedlora.processes import BIN, flower_env
 from fedlora.simulation import demo_data
 
 FEDERATION = {"finance": 1, "medical": 1, "retail": 1}
@@ -62,6 +69,38 @@ def site(p: Processes, label: str, domain: str, data: Path, port: int, keys: Pat
     return p.start(label, "client", "--server", f"127.0.0.1:{port}", "--data", str(data), "--domain", domain, "--name", name,
                    "--key", str(keys / f"{name}.key"), "--root-cert", str(ca or keys / "ca.pem"), "--state-dir", str(p.root / "sites" / label),
                    "--device", "cpu", *extra)
+
+
+def stranger_app(root: Path, target: Path) -> Path:
+    """A Flower App of a stranger's whose ServerApp, if it ever ran on the coordinator, would write
+    ``target`` (in the coordinator's run directory)."""
+    app = root / "stranger-app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(tomli_w.dumps({
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": "stranger-app", "version": "1.0.0", "description": "not fedlora's", "license": "Apache-2.0",
+                    "dependencies": []},
+        "tool": {"flwr": {"app": {"publisher": "stranger", "config": {},
+                                  "components": {"serverapp": "stranger_app:app", "clientapp": "stranger_app:client"}}}}}))
+    (app / "stranger_app.py").write_text(
+        "from pathlib import Path\nfrom flwr.clientapp import ClientApp\nfrom flwr.serverapp import ServerApp\n"
+        "app = ServerApp()\nclient = ClientApp()\n\n\n@app.main()\ndef main(grid, context):\n"
+        f"    Path({str(target)!r}).write_text('a stranger ran code here')\n")
+    return app
+
+
+def stranger_flwr(root: Path, port: int, ca: Path, *args: str) -> str:
+    """``flwr ARGS stranger`` from a stranger's own Flower home, who holds only the public ca.pem;
+    its output, whitespace and the CLI's box drawing collapsed. It must fail."""
+    home = root / "stranger-home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": "stranger", "stranger": {
+        "address": f"127.0.0.1:{port}", "root-certificates": str(ca)}}}))
+    done = subprocess.run([str(BIN / "flwr"), *args, "stranger"], capture_output=True, text=True, env=flower_env(home), cwd=root,
+                          timeout=120)
+    out = " ".join(re.sub(r"[│╭╮╰╯─]", " ", done.stdout + done.stderr).split())
+    assert done.returncode != 0, out
+    return out
 
 
 def start_simulate(p: Processes, config: Path, out: Path) -> None:
@@ -207,9 +246,21 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
         assert p.wait("medical-1-bad-ca", 120) == 9
         connected(p, tmp_path / "run")
         start_simulate(p, reference_config, tmp_path / "simulated")
+        # while the federation runs: a stranger with the public ca.pem reaches the coordinator's address
+        pwned = tmp_path / "run" / "stranger-was-here"
+        tried = stranger_flwr(tmp_path, port, keys / "ca.pem", "run", str(stranger_app(tmp_path, pwned)))
+        assert "serves only the Fleet API" in tried and "Successfully started run" not in tried, tried
+        tried = stranger_flwr(tmp_path, port, keys / "ca.pem", "supernode", "register", str(strangers / "finance-2.pub"))
+        assert "serves only the Fleet API" in tried, tried
+        assert not pwned.exists() and [f for f in (tmp_path / "run").rglob("*") if "stranger" in f.name] == []
         assert p.wait("server", 600) == 0, p.log("server")[-4000:]
         reference = simulated(p, tmp_path / "simulated")
     assert_clean(p)
+    gate_log = (tmp_path / "run" / "logs" / "superlink.log").read_text()
+    assert "refused POST /v1/control/start-run" in gate_log and "refused POST /v1/control/register-node" in gate_log
+    assert "StartRun of fedlora's own ServerApp accepted" in gate_log
+    assert "Fleet API only" in p.log("server") and "this machine only" in p.log("server")
+    assert not pwned.exists()
     assert "refused this site's key" in p.log("finance-2") and "finance-2.pub" in p.log("finance-2")
     assert "not signed by the CA" in p.log("medical-1-bad-ca")
     assert "base model mismatch" in p.log("server") and "finance-9" in p.log("server")
@@ -225,10 +276,12 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
     assert "fedlora server: registered 4 site key(s)" in p.log("server")
 
 
-def test_coordinator_sigkilled_and_resumed_equals_an_uninterrupted_run(tiny_model: Path, tmp_path: Path) -> None:
+def test_coordinator_sigtermed_and_resumed_equals_an_uninterrupted_run(tiny_model: Path, tmp_path: Path) -> None:
     # DP off: the sites' DP noise is secret, so only a run without it can be compared bit for bit
     # (a resumed DP run continuing with the same ledger is shown in tests/test_resume.py)
-    # 2 rounds: killed after round 1's checkpoint, the resumed coordinator runs round 2
+    # 2 rounds: stopped after round 1's checkpoint, the resumed coordinator runs round 2
+    # SIGTERM goes to the `fedlora server` process only (systemd with KillMode=mixed, Kubernetes, kill PID): it must end
+    # the SuperLink, Flower's SuperExec and ServerApp (sessions of their own) itself, and say how to resume
     config, files = write_run(tmp_path, tiny_model, {"finance": 3}, train={"rounds": 2},
                               privacy={"dp": False}, secure_aggregation={"stage_timeout": 60.0})
     port = free_port()
@@ -243,8 +296,13 @@ def test_coordinator_sigkilled_and_resumed_equals_an_uninterrupted_run(tiny_mode
         start_simulate(p, config, tmp_path / "uninterrupted")
         checkpoint = run / "checkpoint" / "state.json"
         wait_for(lambda: checkpoint.is_file() and json.loads(checkpoint.read_text())["round"] == 1, 300, "round 1's checkpoint")
-        p.kill("server")  # SIGKILL to the coordinator's whole group: SuperLink and ServerApp included
-        assert not (run / "summary.json").exists()
+        p.signal("server", signal.SIGTERM)
+        assert p.wait("server", 120) == 130, p.log("server")[-4000:]
+        assert p.leftovers_of("server") == []  # no SuperLink, SuperExec or ServerApp outlives it
+        stopped = p.log("server")
+        assert "fedlora: error: stopped by SIGTERM; the run directory keeps the last completed round" in stopped
+        assert f"fedlora server --resume {run}" in stopped
+        assert not (run / "summary.json").exists() and not (run / ".flower").exists()
         p.start("server-resumed", "server", "--resume", str(run), *serve)
         assert p.wait("server-resumed", 600) == 0, p.log("server-resumed")[-4000:]
         simulated(p, tmp_path / "uninterrupted")

@@ -12,7 +12,9 @@ group too small. The honest path still sums exactly with dropouts down to t.
 from __future__ import annotations
 
 import itertools
+import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,9 +26,11 @@ from fedlora.client import secagg_site
 from fedlora.client.secagg_site import SENT_FILE, SENT_KEY, STATE_KEY, SumOf
 from fedlora.config import SecureAggregationConfig
 from fedlora.errors import SITE_ERROR_CODE, FedloraError
-from fedlora.privacy import masking
+from fedlora.privacy import key_signing, masking
+from fedlora.privacy.key_signing import InMemoryCA, KeyContext
 from fedlora.privacy.secagg import (SecAggAbort, SecAggCoordinator, SecAggSite, check_parameters, neighbours, site_from_json,
-                                    threshold_floor)
+                                    colluders_tolerated, threshold_floor)
+from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
 from fedlora.protocol import MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, read, record_of
 from fedlora.server.secure_round import plan
 from test_privacy_review_attacks import Harness, _call, _ok, h  # noqa: F401 - h is the fixture the app-level test uses
@@ -55,17 +59,18 @@ class Group:
 
     def __init__(self, n: int, k: int, t: int, round_id: str = "finance/1", *, seed: int = 0,
                  sum_of: SumOf | None = SumOf("finance", 1, "train"), state_dirs: dict[int, Path] | None = None) -> None:
+        self.m = EVAL_MODULUS_BITS if sum_of is not None and sum_of.kind == "evaluate" else M  # what a site accepts
         self.nodes = list(range(FIRST, FIRST + n))
         self.graph = neighbours(self.nodes, k, random.Random(seed))
         self.t, self.round_id, self.sum_of, self.state_dirs = t, round_id, sum_of, state_dirs or {}
         self.ctx = {u: _ctx(u) for u in self.nodes}
-        self.coord = SecAggCoordinator(self.graph, t, M, round_id)
+        self.coord = SecAggCoordinator(self.graph, t, self.m, round_id)
         self.inbox: dict[int, dict[int, bytes]] = {}
 
     def setup(self, u: int, *, threshold: int | None = None, peers: tuple[int, ...] | None = None,
               round_id: str | None = None) -> SecAggSetup:
         return SecAggSetup(round_id=round_id or self.round_id, threshold=self.t if threshold is None else threshold,
-                           modulus_bits=M, neighbours=tuple(self.graph[u]) if peers is None else peers)
+                           modulus_bits=self.m, neighbours=tuple(self.graph[u]) if peers is None else peers)
 
     def begin(self, vectors: dict[int, np.ndarray]) -> dict[int, tuple[bytes, bytes]]:
         keys = {}
@@ -90,9 +95,10 @@ class Group:
 
     def masked(self, u: int, box: dict[int, bytes] | None = None) -> np.ndarray:
         box = self.inbox[u] if box is None else box
+        wire = "uint32" if self.m <= 32 else "uint64"
         reply = secagg_site.masked(self.ctx[u], _content(MaskedAsk(round_id=self.round_id, peers=tuple(box),
-                                                                   ciphertexts=tuple(box.values()), wire_dtype="uint32")))
-        return np.frombuffer(reply["masked"]["y"].data, dtype="<u4").astype(masking.word(M))
+                                                                   ciphertexts=tuple(box.values()), wire_dtype=wire)))
+        return np.frombuffer(reply["masked"]["y"].data, dtype=np.dtype(wire).newbyteorder("<")).astype(masking.word(self.m))
 
     def unmask(self, masked: dict[int, np.ndarray]) -> np.ndarray:
         survivors, dropped = self.coord.unmask_request(masked)
@@ -109,10 +115,10 @@ class Group:
         return self.unmask(masked), sorted(masked)
 
 
-def _plain(vectors: dict[int, np.ndarray], nodes: list[int]) -> np.ndarray:
+def _plain(vectors: dict[int, np.ndarray], nodes: list[int], m: int = M) -> np.ndarray:
     total = np.zeros(D, np.uint64)
     for u in nodes:
-        total = masking.add(total, vectors[u], M)
+        total = masking.add(total, vectors[u], m)
     return total
 
 
@@ -142,12 +148,13 @@ def test_malicious_withheld_shares_refuse_the_masked_input() -> None:
 
 # ---- 2. low threshold, split views ---------------------------------------------------------
 @pytest.mark.parametrize("k, t, message", [
-    (4, 2, "threshold t = 2 is below this site's floor 3 for k = 4"),
+    (4, 2, "threshold t = 2 is below this site's floor 4 for k = 4"),
+    (4, 3, "threshold t = 3 is below this site's floor 4 for k = 4"),
     (3, 2, "threshold t = 2 is below this site's floor 3 for k = 3"),
-    (7, 4, "threshold t = 4 is below this site's floor 5 for k = 7"),
+    (7, 5, "threshold t = 5 is below this site's floor 6 for k = 7"),
     (2, 1, "threshold t = 1 is below this site's floor 2 for k = 2"),
     (4, 6, "threshold t = 6 exceeds the k \\+ 1 = 5 shares"),
-], ids=["k4-t2", "k3-t2", "k7-t4", "k2-t1", "t-above-k+1"])
+], ids=["k4-t2", "k4-t3-majority-but-one-colluder", "k3-t2", "k7-t5", "k2-t1", "t-above-k+1"])
 def test_malicious_low_threshold_is_refused_before_any_key(k: int, t: int, message: str) -> None:
     g = Group(k + 1, k, t)
     victim = g.nodes[0]
@@ -158,31 +165,65 @@ def test_malicious_low_threshold_is_refused_before_any_key(k: int, t: int, messa
 
 @pytest.mark.parametrize("k", [2, 3, 4, 6, 7])
 def test_malicious_split_views_at_the_floor_never_open_both_secrets_of_a_site(k: int) -> None:
-    """Why the floor is a strict majority: with t = threshold_floor(k), the coordinator tells
-    each neighbour of the victim either "it survived" (b share) or "it dropped" (key share),
-    every split of the group tried, each request itself valid; the real ``SecAggSite.unmask``
-    hands over at most t - 1 shares of one of the two secrets every time."""
+    """Why the floor is ``2 t > k + 1 + c(k)``: with t = threshold_floor(k) and c = 0 .. c(k)
+    colluding neighbours (each hands over both of its shares of the victim's secrets), the
+    coordinator tells each honest neighbour of the victim either "it survived" (b share) or "it
+    dropped" (key share), every split of the honest ones tried, each request itself valid; the
+    real ``SecAggSite.unmask`` still leaves it with at most t - 1 shares of one of the two
+    secrets every time. At the old floor (a strict majority) one colluder is enough for k = 4."""
     t = threshold_floor(k)
+    assert 2 * t > k + 1 + colluders_tolerated(k)
     nodes = list(range(k + 1))
     victim, others = 0, nodes[1:]
-    for told_survived in itertools.chain.from_iterable(itertools.combinations(others, r) for r in range(k + 1)):
-        sites = {u: SecAggSite(u, [v for v in nodes if v != u], t, M, "r") for u in nodes}
-        coord = SecAggCoordinator({u: s.peers for u, s in sites.items()}, t, M, "r")
-        keys = coord.relay_keys({u: s.advertise() for u, s in sites.items()})
-        for u, boxes in coord.relay_shares({u: s.share_keys(keys[u]) for u, s in sites.items()}).items():
-            sites[u].receive_shares(boxes)
-        for u in nodes:
-            sites[u].masked_input(np.zeros(4, np.uint64))
-        got: dict[str, int] = {"b": 0, "sk": 0}
-        for u in nodes:  # the victim itself is always told it survived (else it refuses outright)
-            view = (nodes, []) if u == victim or u in told_survived else (others, [victim])
-            try:
-                shares = sites[u].unmask(*view)
-            except Exception:  # noqa: BLE001 - a refusal hands over nothing
-                continue
-            if victim in shares:
-                got[shares[victim][0]] += 1
-        assert min(got.values()) < t, f"split {told_survived}: {got} shares of site {victim}'s two secrets, threshold {t}"
+    for c in range(colluders_tolerated(k) + 1):
+        colluders, honest = others[:c], others[c:]
+        for told_survived in itertools.chain.from_iterable(itertools.combinations(honest, r) for r in range(len(honest) + 1)):
+            got = _split_view_shares(nodes, t, victim, set(colluders), set(told_survived))
+            assert min(got.values()) < t, f"{c} colluder(s), split {told_survived}: {got} shares of site {victim}'s secrets, t {t}"
+    if k == 4:  # the strict-majority floor t = 3 with one colluder: both secrets open for some split
+        assert any(min(_split_view_shares(nodes, 3, victim, {1}, set(s)).values()) >= 3
+                   for s in itertools.chain.from_iterable(itertools.combinations(others[1:], r) for r in range(k)))
+
+
+def _split_view_shares(nodes: list[int], t: int, victim: int, colluders: set[int], told_survived: set[int]) -> dict[str, int]:
+    """Shares of ``victim``'s b and s secrets a coordinator collects with the real stage handlers
+    when ``told_survived`` are shown "it survived", the other honest neighbours "it dropped",
+    and ``colluders`` hand over both of theirs."""
+    others = [u for u in nodes if u != victim]
+    sites = {u: SecAggSite(u, [v for v in nodes if v != u], t, M, "r") for u in nodes}
+    coord = SecAggCoordinator({u: s.peers for u, s in sites.items()}, t, M, "r")
+    keys = coord.relay_keys({u: s.advertise() for u, s in sites.items()})
+    for u, boxes in coord.relay_shares({u: s.share_keys(keys[u]) for u, s in sites.items()}).items():
+        sites[u].receive_shares(boxes)
+    for u in nodes:
+        sites[u].masked_input(np.zeros(4, np.uint64))
+    got: dict[str, int] = {"b": len(colluders), "sk": len(colluders)}
+    for u in (u for u in nodes if u not in colluders):  # the victim itself is always told it survived (else it refuses)
+        view = (nodes, []) if u == victim or u in told_survived else (others, [victim])
+        try:
+            shares = sites[u].unmask(*view)
+        except Exception:  # noqa: BLE001 - a refusal hands over nothing
+            continue
+        if victim in shares:
+            got[shares[victim][0]] += 1
+    return got
+
+
+def test_malicious_a_view_counting_alive_a_neighbour_that_never_shared_is_refused_without_a_ca_too() -> None:
+    """The pure protocol (a site without the CA, no consistency check): the coordinator withholds
+    peer B's shares from the victim (it masks with A only), then asks it to unmask with B alive
+    and A dropped: its b share and its key share of A would strip every mask from its input.
+    ``SecAggSite.unmask`` refuses (U3 within U2) and reveals nothing."""
+    g = Group(3, 2, 2)
+    vectors = _vectors(g.nodes)
+    g.share(g.begin(vectors))
+    victim, a, b = g.nodes
+    g.masked(victim, {a: g.inbox[victim][a]})
+    before = str(g.ctx[victim].state[STATE_KEY]["site"])
+    ask = _content(UnmaskAsk(round_id=g.round_id, survivors=(victim, b), dropped=(a,)))
+    with pytest.raises(FedloraError, match=f"survivors \\[{b}\\] are neighbours whose shares never reached this site"):
+        secagg_site.unmask(g.ctx[victim], ask)
+    assert json.loads(str(g.ctx[victim].state[STATE_KEY]["site"]))["revealed"] == json.loads(before)["revealed"] == {}
 
 
 # ---- 3. reflected and repeated keys -------------------------------------------------------
@@ -262,7 +303,7 @@ def test_malicious_a_second_sum_for_the_same_round_is_refused_and_train_and_eval
     ev = Group(4, 3, 3, "finance/1/evaluate", sum_of=SumOf("finance", 1, "evaluate"), state_dirs=g.state_dirs)
     ev.ctx = g.ctx  # the same sites, the same node state
     total, survivors = ev.round(vectors)  # even the same vector: an evaluation's vector is noised or public
-    assert np.array_equal(total, _plain(vectors, survivors))
+    assert np.array_equal(total, _plain(vectors, survivors, EVAL_MODULUS_BITS))
 
 
 def test_malicious_a_new_run_cannot_replay_the_same_update_into_a_second_sum(tmp_path: Path) -> None:
@@ -313,6 +354,74 @@ def test_malicious_the_app_refuses_a_re_asked_train_round_under_secure_aggregati
     assert not _ok(new_run) and "exactly this update" in new_run.error.reason
 
 
+def test_malicious_a_setup_the_site_will_not_take_is_refused_before_data_training_or_budget(h: Harness) -> None:  # noqa: F811
+    """Through the real ClientApp: a train setup with an unusable quantiser, a zero or infinite
+    weight scale, or a threshold below the floor, and an evaluate setup with a modulus other
+    than 2^64, are refused with a named reason before the site reads its data, trains or
+    charges its DP budget: nothing is kept in its node state or written to its state folder."""
+    good = SecAggSetup(round_id="finance/1", threshold=3, modulus_bits=24, neighbours=(1002, 1003, 1004), bits=16, clip_range=1.0,
+                       weight_scale=1000.0)
+    cases = [("train", replace(good, clip_range=0.0), "quantiser is unusable: clip_range must be > 0"),
+             ("train", replace(good, bits=40), "quantiser is unusable"),
+             ("train", replace(good, weight_scale=0.0), "weight_scale 0.0 is not a positive finite number"),
+             ("train", replace(good, weight_scale=float("inf")), "weight_scale inf"),
+             ("train", replace(good, weight_scale=None), "weight_scale None"),
+             ("train", replace(good, threshold=2), "below this site's floor 3"),
+             ("evaluate", replace(good, round_id="finance/1/evaluate", modulus_bits=24), "modulo 2\\^64 only")]
+    for i, (kind, setup, message) in enumerate(cases):
+        site = h.site(f"bad-setup-{i}")
+        ctx = h.ctx()
+        reply = _call(h.app(site), h.msg(kind, secagg=setup), ctx)
+        assert not _ok(reply) and reply.error.code == SITE_ERROR_CODE, (kind, setup, reply)
+        assert re.search(message, reply.error.reason), reply.error.reason
+        assert len(ctx.state) == 0, list(ctx.state.keys())  # no ledger, no protocol state
+        state = Path(site.state_dir)
+        assert not state.exists() or not any(state.rglob("*")), list(state.rglob("*"))
+
+
+def test_malicious_an_evaluate_modulus_is_no_oracle_on_the_metrics() -> None:
+    """A coordinator that picks the evaluate sum's modulus could learn the size of a site's
+    largest metric from which moduli the range check refuses (binary search on m). Every
+    modulus but 2^64 is refused the same way, whatever the metrics; 2^64 takes any."""
+    small, large = (secagg_site.metrics_vector(0.1, 0.5, n, [n // 2, n - n // 2]) for n in (10, 10**6))
+    for m in range(2, 64):
+        for vector in (small, large):
+            g = Group(3, 2, 2, f"finance/{m}/evaluate", sum_of=SumOf("finance", m, "evaluate"))
+            with pytest.raises(FedloraError, match=f"an evaluate sum modulo 2\\^{m}; this site sums its metrics modulo 2\\^64 only"):
+                secagg_site.begin(g.ctx[g.nodes[0]], replace(g.setup(g.nodes[0]), modulus_bits=m), vector, sum_of=g.sum_of)
+    g = Group(3, 2, 2, "finance/1/evaluate", sum_of=SumOf("finance", 1, "evaluate"))
+    assert np.array_equal(g.round({u: large for u in g.nodes})[0], 3 * large.astype(np.uint64))
+
+
+def test_malicious_the_app_signs_its_keys_over_the_request_it_got(h: Harness) -> None:  # noqa: F811
+    """Through the real ClientApp with a certificate: the keys of a train reply verify over the
+    ``request_digest`` of the message the site got, and not over that of a message asking the
+    same with another weight scale or another learning rate (what a coordinator sends a peer
+    to isolate this site)."""
+    ca = InMemoryCA()
+    creds = ca.credentials("finance-1")
+    site = replace(h.site("signed-request"), signing_key=creds.signing_key, certificate=creds.certificate, ca=creds.ca)
+    setup = SecAggSetup(round_id="finance/1", threshold=3, modulus_bits=24, neighbours=(1002, 1003, 1004), bits=16, clip_range=1.0,
+                        weight_scale=1000.0)
+    msg = h.msg(secagg=setup)
+    reply = _call(h.app(site), msg, h.ctx())
+    assert _ok(reply), reply
+    keys = read(SecAggKeys, reply.content, "train")
+    cert = key_signing.load_certificate(ca.pem)
+
+    def verifies(request: str) -> bool:
+        context = KeyContext("finance/1", "finance", 1, "train", request)
+        try:
+            return key_signing.verify_keys(keys.cert, keys.sig, cert, context, keys.c_pk, keys.s_pk) == "finance-1"
+        except key_signing.KeyAuthError:
+            return False
+
+    assert verifies(secagg_site.request_digest(msg.content))
+    assert not verifies(secagg_site.request_digest(h.msg(secagg=replace(setup, weight_scale=1e30)).content))
+    assert not verifies(secagg_site.request_digest(h.msg(secagg=setup, plan={"learning_rate": 0.02}).content))
+    assert not verifies("")
+
+
 # ---- 5. group too small -----------------------------------------------------------------------
 @pytest.mark.parametrize("peers, threshold, message", [
     ((1002,), 2, "k = 1 neighbour\\(s\\), below the minimum 2"),
@@ -356,8 +465,8 @@ def test_malicious_checks_keep_the_honest_sum_exact_with_dropouts_down_to_t() ->
 
 def test_malicious_checks_keep_the_pure_protocol_exact_at_the_floor_threshold() -> None:
     t = threshold_floor(7)
-    total, inputs, survivors, _ = _run(8, 7, t, 30, {"masked": {0, 1, 2}})
+    total, inputs, survivors, _ = _run(8, 7, t, 30, {"masked": set(range(8 - t))})
     assert len(survivors) == t
     assert np.array_equal(total, masking.add(np.zeros(30, np.uint64), sum(inputs[u] for u in survivors), M))
     with pytest.raises(SecAggAbort):
-        _run(8, 7, t, 30, {"masked": {0, 1, 2, 3}})
+        _run(8, 7, t, 30, {"masked": set(range(9 - t))})

@@ -14,6 +14,7 @@ import datetime
 import json
 import logging
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import Context, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from fedlora.client import secagg_site
 from fedlora.client.secagg_site import STATE_KEY, SumOf
@@ -30,6 +31,7 @@ from fedlora.errors import ConfigError, FedloraError
 from fedlora.privacy import key_signing, masking
 from fedlora.privacy.key_signing import Credentials, InMemoryCA, KeyAuthError, KeyContext
 from fedlora.privacy.secagg import SecAggCoordinator, neighbours
+from fedlora.privacy.secagg_vector import EVAL_MODULUS_BITS
 from fedlora.protocol import ConsistencyAsk, ConsistencyReply, MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk, UnmaskReply, read, record_of
 
 M = 24  # modulus bits
@@ -67,12 +69,17 @@ class Signed:
         self.vectors = {u: np.random.default_rng(u).integers(0, 2**12, size=D, dtype=np.uint64) for u in self.nodes}
         self.keys: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}
 
-    def begin(self, creds: dict[int, Credentials | None] | None = None) -> None:
+    def begin(self, creds: dict[int, Credentials | None] | None = None, setups: dict[int, SecAggSetup] | None = None) -> None:
+        """Stage 1 at every site; with ``setups``, each site is asked its own setup and signs over
+        the ``request_digest`` of the message carrying it (as the ClientApp does)."""
         creds = self.creds if creds is None else creds
         for u in self.nodes:
-            setup = SecAggSetup(round_id=self.round_id, threshold=self.t, modulus_bits=M, neighbours=tuple(self.graph[u]))
-            k = read(SecAggKeys, secagg_site.begin(self.ctx[u], setup, self.vectors[u], sum_of=self.sum_of, credentials=creds[u]),
-                     "train")
+            m = EVAL_MODULUS_BITS if self.sum_of.kind == "evaluate" else M  # what a site accepts for each kind
+            setup = SecAggSetup(round_id=self.round_id, threshold=self.t, modulus_bits=m, neighbours=tuple(self.graph[u]))
+            setup = setups[u] if setups is not None else setup
+            request = secagg_site.request_digest(_content(setup)) if setups is not None else ""
+            k = read(SecAggKeys, secagg_site.begin(self.ctx[u], setup, self.vectors[u], sum_of=self.sum_of, credentials=creds[u],
+                                                   request=request), "train")
             self.keys[u] = (k.c_pk, k.s_pk, k.sig, k.cert)
 
     def ask(self, relayed: dict[int, tuple[bytes, bytes, bytes, bytes]], round_id: str | None = None) -> RecordDict:
@@ -277,10 +284,50 @@ def test_malicious_replay_of_signed_keys_from_another_round_or_sum_is_refused() 
         assert f"peer {PEER}" in g.refused(VICTIM, g.relayed(VICTIM) | {PEER: old.keys[PEER]}, "does not verify")
 
 
+# ---- one request for every site of a sum ------------------------------------------------
+def _train_content(setup: SecAggSetup, *, lr: float = 0.5, adapter: np.ndarray | None = None) -> RecordDict:
+    """A train message's content as the coordinator builds it: adapter, config (plan and asks), setup."""
+    arrays = ArrayRecord({"lora_B": Array(np.zeros((2, 3), np.float32) if adapter is None else adapter)})
+    config = ConfigRecord({"plan.round": 1, "plan.cohort": "finance", "plan.learning_rate": lr, "privacy.dp": True,
+                           "privacy.epsilon": 8.0, "model.name": "tiny", "plan.labels": ["a", "b"]})
+    return RecordDict({"adapter": arrays, "config": config, "secagg": record_of(setup)})
+
+
+def test_request_digest_covers_everything_a_site_is_asked_but_its_own_neighbours() -> None:
+    setup = SecAggSetup(round_id="finance/1", threshold=3, modulus_bits=24, neighbours=(2, 3, 4), bits=16, clip_range=1.0,
+                        weight_scale=1000.0)
+    base = secagg_site.request_digest(_train_content(setup))
+    assert base == secagg_site.request_digest(_train_content(replace(setup, neighbours=(1, 3, 4))))  # each site its own group
+    changed = [_train_content(replace(setup, weight_scale=1e30)), _train_content(replace(setup, threshold=4)),
+               _train_content(replace(setup, bits=12)), _train_content(replace(setup, clip_range=2.0)),
+               _train_content(replace(setup, modulus_bits=32)), _train_content(replace(setup, round_id="finance/1b")),
+               _train_content(setup, lr=0.50000001), _train_content(setup, adapter=np.full((2, 3), 1e-30, np.float32)),
+               _train_content(setup, adapter=np.zeros((3, 2), np.float32))]
+    digests = [secagg_site.request_digest(c) for c in changed]
+    assert base not in digests and len(set(digests)) == len(digests)
+    extra = _train_content(setup)
+    extra["config"]["privacy.epsilon"] = 80.0
+    assert secagg_site.request_digest(extra) != base
+
+
+def test_malicious_coordinator_asking_each_site_something_else_is_refused_at_stage_two() -> None:
+    """The coordinator sends the victim weight scale 100 and every peer 1e30 (so the peers' weight,
+    min(1, n / scale), is ~0 and their vectors do not depend on their data: the "sum" minus their
+    known vectors is the victim's update), each setup valid on its own. Every honest site signs its
+    keys over the request it got; the victim's request differs from its peers', so their
+    signatures do not verify for it, nor its for them: stage 2 is refused, no share made."""
+    fed = Signed(n=4, t=3)
+    scale = {u: 100.0 if u == VICTIM else 1e30 for u in fed.nodes}
+    fed.begin(setups={u: SecAggSetup(round_id=fed.round_id, threshold=3, modulus_bits=M, neighbours=tuple(fed.graph[u]), bits=12,
+                                     clip_range=1.0, weight_scale=scale[u]) for u in fed.nodes})
+    assert "does not verify" in fed.refused(VICTIM, fed.relayed(VICTIM), "does not verify")
+    fed.refused(PEER, fed.relayed(PEER), f"peer {VICTIM}.*does not verify")  # and the peers refuse the victim's keys
+
+
 # ---- the consistency check (Bonawitz et al. 2017, round 3) ----------------------------
-def _five() -> Signed:
-    """Five sites, all neighbours (k = 4), t = 3 (the sites' floor): every stage up to the masked inputs done."""
-    fed = Signed(n=5, t=3)
+def _six() -> Signed:
+    """Six sites, all neighbours (k = 5), t = 4 (the sites' floor): every stage up to the masked inputs done."""
+    fed = Signed(n=6, t=4)
     fed.begin()
     fed.masked_all()
     return fed
@@ -294,24 +341,77 @@ def _unmask_refused(fed: Signed, u: int, ask: RecordDict, match: str) -> None:
 
 
 def test_malicious_coordinator_showing_split_views_of_who_survived_gets_no_share_of_the_minority_view() -> None:
-    """Split view: to get both secrets of the victim the coordinator shows {victim, A, B} that the
-    victim survived (they reveal its b shares) and {C, D} that it dropped (they would reveal its
-    key shares). Each group signs its own view; C sees only 2 signatures over its view, below t = 3,
+    """Split view: to get both secrets of the victim the coordinator shows {victim, A, B, C} that the
+    victim survived (they reveal its b shares) and {D, E} that it dropped (they would reveal its
+    key shares). Each group signs its own view; D sees only 2 signatures over its view, below t = 4,
     and reveals nothing; nor do signatures over the other view count for it."""
-    fed = _five()
-    v, a, b, c, d = fed.nodes
-    view1, view2 = ([v, a, b, c, d], []), ([a, b, c, d], [v])
-    sigs1 = fed.check(*view1, at=[v, a, b])
-    sigs2 = fed.check(*view2, at=[c, d])
-    _unmask_refused(fed, c, fed.unmask_ask(c, *view2, sigs2), "only 2 of its group")
-    _unmask_refused(fed, c, fed.unmask_ask(c, *view2, sigs1 | sigs2), "only 2 of its group")  # view-1 signatures do not verify
+    fed = _six()
+    v, a, b, c, d, e = fed.nodes
+    view1, view2 = ([v, a, b, c, d, e], []), ([a, b, c, d, e], [v])
+    sigs1 = fed.check(*view1, at=[v, a, b, c])
+    sigs2 = fed.check(*view2, at=[d, e])
+    _unmask_refused(fed, d, fed.unmask_ask(d, *view2, sigs2), "only 2 of its group")
+    _unmask_refused(fed, d, fed.unmask_ask(d, *view2, sigs1 | sigs2), "only 2 of its group")  # view-1 signatures do not verify
     # the majority view does open, honestly: A reveals the victim's b share, never its key share
     r = read(UnmaskReply, secagg_site.unmask(fed.ctx[a], fed.unmask_ask(a, *view1, sigs1)), "unmask")
     assert dict(zip(r.peers, r.kinds))[v] == "b"
 
 
+@pytest.mark.parametrize("n, t, colluders", [(3, 2, 0), (6, 4, 1)], ids=["3-sites-t2", "6-sites-t4-one-colluder"])
+def test_malicious_coordinator_counting_alive_a_peer_whose_shares_it_withheld_gets_nothing(n: int, t: int, colluders: int) -> None:
+    """Bonawitz et al. 2017 require the survivors to be among those who shared (U3 within U2). The
+    coordinator withholds from the victim the share ciphertexts of the peers W (it still has t - 1,
+    so it masks with the others only), then shows everyone ONE consistent view: W (and a colluder)
+    survived, the peers the victim masked with dropped. Had the victim signed and unmasked, its b
+    share and its key shares of the dropped would strip every mask from its input. It refuses to
+    sign and to unmask (those peers never shared with it), its signature is missing from every
+    group, and the shares of its b the coordinator collects stay below t."""
+    fed = Signed(n=n, t=t)
+    fed.begin()
+    fed.coord.relay_keys({u: k[:2] for u, k in fed.keys.items()})
+    inbox = fed.coord.relay_shares({u: fed.share(u) for u in fed.nodes})
+    victim, others = fed.nodes[0], fed.nodes[1:]
+    kept = others[:t - 1]  # the victim masks with these (t - 1 neighbours' shares: enough for stage 3)
+    withheld = [u for u in others if u not in kept]
+    colluding = kept[:colluders]  # a colluder among the kept, shown alive, reveals everything it holds
+    for u in fed.nodes:
+        box = {p: inbox[u][p] for p in kept} if u == victim else inbox[u]
+        secagg_site.masked(fed.ctx[u], _content(MaskedAsk(round_id=fed.round_id, peers=tuple(box), ciphertexts=tuple(box.values()),
+                                                          wire_dtype="uint32")))
+    survivors = sorted([victim, *withheld, *colluding])
+    dropped = sorted(u for u in kept if u not in colluding)
+    with pytest.raises(FedloraError, match="shares never reached this site"):
+        fed.check(survivors, dropped, at=[victim])
+    sigs = fed.check(survivors, dropped, at=[u for u in survivors if u != victim])
+    _unmask_refused(fed, victim, fed.unmask_ask(victim, survivors, dropped, sigs), "without the consistency check")
+    b_shares = len(colluding)  # each colluder hands over its share of the victim's b
+    for u in (u for u in survivors if u != victim and u not in colluding):
+        try:
+            r = read(UnmaskReply, secagg_site.unmask(fed.ctx[u], fed.unmask_ask(u, survivors, dropped, sigs)), "unmask")
+        except FedloraError:
+            continue
+        b_shares += sum(1 for p, kind in zip(r.peers, r.kinds) if p == victim and kind == "b")
+    assert b_shares < t, f"{b_shares} shares of the victim's b, threshold {t}"
+
+
+def test_malicious_coordinator_choosing_the_masked_inputs_wire_type_is_refused() -> None:
+    """``MaskedAsk.wire_dtype`` is the coordinator's: "object" would send pointers of the site's
+    process, a narrow type a lossy form of y. A site sends its masked input only in the type
+    its modulus needs."""
+    fed = Signed()
+    fed.begin()
+    fed.coord.relay_keys({u: k[:2] for u, k in fed.keys.items()})
+    inbox = fed.coord.relay_shares({u: fed.share(u) for u in fed.nodes})
+    box = inbox[VICTIM]
+    for wire in ("object", "uint16", "float64", "uint64", "U8"):
+        with pytest.raises(FedloraError, match=f"as '{wire}'; its modulus 2\\^{M} travels as uint32 only"):
+            secagg_site.masked(fed.ctx[VICTIM], _content(MaskedAsk(round_id=fed.round_id, peers=tuple(box),
+                                                                   ciphertexts=tuple(box.values()), wire_dtype=wire)))
+    assert "masked_sent" not in fed.ctx[VICTIM].state[STATE_KEY]
+
+
 def test_malicious_coordinator_asking_a_site_to_sign_a_second_survivor_set_is_refused() -> None:
-    fed = _five()
+    fed = _six()
     v, a, *_ = fed.nodes
     fed.check(list(fed.nodes), [], at=[a])
     fed.check(list(fed.nodes), [], at=[a])  # the same set again: the same answer
@@ -320,22 +420,22 @@ def test_malicious_coordinator_asking_a_site_to_sign_a_second_survivor_set_is_re
 
 
 def test_malicious_coordinator_unmasking_another_set_than_the_signed_one_or_without_the_check_is_refused() -> None:
-    fed = _five()
+    fed = _six()
     v, a, b, *_ = fed.nodes
     everyone = (list(fed.nodes), [])
     sigs = fed.check(*everyone)
     other = ([x for x in fed.nodes if x != v], [v])
     _unmask_refused(fed, a, fed.unmask_ask(a, *other, sigs), "differs from the one this site signed")
-    fresh = _five()
+    fresh = _six()
     _unmask_refused(fresh, fresh.nodes[1], fresh.unmask_ask(fresh.nodes[1], list(fresh.nodes), [], {}), "without the consistency check")
 
 
 def test_malicious_coordinator_padding_the_signatures_with_repeats_forgeries_or_non_survivors_is_refused() -> None:
     """One real signature repeated, signatures of the wrong signer, garbage bytes: only distinct
     survivors of the site's group with a valid signature count."""
-    fed = _five()
-    v, a, b, c, d = fed.nodes
-    view = ([v, a, b, c], [d])
+    fed = _six()
+    v, a, b, c, d, e = fed.nodes
+    view = ([v, a, b, c, e], [d])
     sigs = fed.check(*view, at=[a, b])
     repeated = _content(UnmaskAsk(round_id=fed.round_id, survivors=tuple(view[0]), dropped=tuple(view[1]),
                                   signers=(a, b, b, b), sigs=(sigs[a], sigs[b], sigs[b], sigs[b])))
@@ -352,7 +452,7 @@ def test_malicious_coordinator_padding_the_signatures_with_repeats_forgeries_or_
 
 
 def test_a_site_refuses_to_sign_a_view_that_drops_it_or_names_a_site_twice() -> None:
-    fed = _five()
+    fed = _six()
     v, a, *_ = fed.nodes
     with pytest.raises(FedloraError, match="not counted among the survivors"):
         fed.check([x for x in fed.nodes if x != a], [a], at=[a])

@@ -30,9 +30,11 @@ NAMES = ["finance-1", "finance-2", "finance-3"]
 
 
 def _sites(tmp_path: Path, ca: InMemoryCA | None, names: list[str] = NAMES, cohort: str = "finance") -> list[SiteSpec]:
+    data = tmp_path / "site.csv"  # read at the handshake, against the cohort's labels
+    data.write_text("text,label\n" + "".join(f"row {i},{lab}\n" for i, lab in enumerate(["negative", "neutral", "positive"] * 2)))
     out = []
     for n in names:
-        s = SiteSpec(name=n, cohort=cohort, data_path=str(tmp_path / "unused.csv"))
+        s = SiteSpec(name=n, cohort=cohort, data_path=str(data))
         if ca is not None:
             c = ca.credentials(n)
             s = replace(s, signing_key=c.signing_key, certificate=c.certificate, ca=c.ca)
@@ -163,3 +165,31 @@ def test_a_site_signs_its_hello_and_the_statement_binds_challenge_name_and_cohor
     assert key_signing.verify_hello(cert, sig, ca.pem, b"c" * 32, "finance") == "finance-1"
     with pytest.raises(key_signing.KeyAuthError, match="does not verify"):
         key_signing.verify_hello(cert, sig, ca.pem, b"c" * 32, "medical")  # the cohort is signed too
+
+
+def test_a_site_with_wrong_labels_or_an_unknown_cohort_stops_at_its_side_and_the_coordinator_learns_only_a_code(
+        make_config, tmp_path: Path, caplog) -> None:
+    """At the handshake the coordinator offers the run's cohorts and labels (public). A site whose
+    file holds a label its cohort does not have, and one whose cohort the run does not train,
+    refuse to join: each is stopped at its side (``on_fatal``, the full message: file, row,
+    label), is not counted as joined, and the coordinator's log names the site and the reason
+    class (codes 4205 / 4206) but nothing of its data (no path, no row, no label value)."""
+    ca = InMemoryCA()
+    good = _sites(tmp_path, ca, ["finance-1"])[0]
+    secret = tmp_path / "private-bank-c-ledger.csv"
+    secret.write_text("text,label\nq3 outlook,neutral\nrates flat,flat\n")
+    bad_labels = replace(_sites(tmp_path, ca, ["finance-2"])[0], data_path=str(secret))
+    other_cohort = _sites(tmp_path, ca, ["retail-1"], cohort="retail")[0]
+    fatal: list[str] = []
+    app = make_client_app([good, bad_labels, other_cohort], device="cpu", on_fatal=fatal.append)
+    with caplog.at_level(logging.INFO):
+        c = _discover(make_config, tmp_path, [good, bad_labels, other_cohort], ca.pem, app=app)
+    assert _joined(c) == {1001: "finance-1"}
+    assert len(fatal) == 2
+    assert any("finance-2" in f and "private-bank-c-ledger.csv" in f and "'flat'" in f for f in fatal), fatal
+    assert any("retail-1" in f and "'retail' is not one of this federation's cohorts (finance)" in f for f in fatal), fatal
+    server = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("fedlora.server"))
+    assert "its data does not fit its cohort's labels" in server and "is not one of this run's" in server, server
+    assert "joined: finance: finance-1; did not join: node 1002, node 1003" in server, server
+    for leak in ("private-bank-c-ledger", "flat", "row 2", "rates"):
+        assert leak not in server, (leak, server)
