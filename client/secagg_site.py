@@ -473,12 +473,14 @@ def check(ctx: Context, content: RecordDict, *, credentials: Credentials | None 
     return RecordDict({ConsistencyReply.record: record_of(ConsistencyReply(sig=sig))})
 
 
-def _check_view(node: int, threshold: int, req: UnmaskAsk, rec: ConfigRecord) -> None:
+def _check_view(site: SecAggSite, req: UnmaskAsk, rec: ConfigRecord) -> None:
     """Before stage 4, at a site with the CA: the set to unmask is the one it signed, and at least
     t of its group (itself and the neighbours whose certificates it checked at stage 2) signed that
-    same set (``UnmaskRefused`` otherwise, naming how many did)."""
+    same set (``UnmaskRefused`` otherwise, naming how many did); only neighbours that shared
+    with it at stage 2 count (``SecAggSite.shared_peers``)."""
     if not str(rec.get("ca", "")):
         return
+    node, threshold, shared = site.node, int(site.threshold), site.shared_peers()
     signed = str(rec.get("view", ""))
     if not signed:
         raise UnmaskRefused(f"site {node}: asked to unmask without the consistency check (this site signed no survivor set)")
@@ -486,7 +488,6 @@ def _check_view(node: int, threshold: int, req: UnmaskAsk, rec: ConfigRecord) ->
         raise UnmaskRefused(f"site {node}: the survivor set to unmask differs from the one this site signed (a split view)")
     certs = json.loads(str(rec.get("peer_certs", "") or "{}"))
     context, alive = _context(rec), set(req.survivors)
-    shared = set(site_from_json(str(rec["site"]))._held)  # only neighbours whose shares reached it count
     confirmed = {node}
     for signer, sig in zip(req.signers, req.sigs, strict=True):
         if len(confirmed) >= threshold:
@@ -507,7 +508,7 @@ def unmask(ctx: Context, content: RecordDict) -> RecordDict:
     with the CA first checks the consistency round's signatures (``_check_view``)."""
     req = read(UnmaskAsk, content, "secagg_unmask")
     site, rec = _load(ctx, req.round_id)
-    _check_view(int(ctx.node_id), int(site.threshold), req, rec)
+    _check_view(site, req, rec)
     shares = site.unmask(list(req.survivors), list(req.dropped))
     _save(ctx, site, rec)
     peers = tuple(shares)

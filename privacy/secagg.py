@@ -260,13 +260,17 @@ class SecAggSite:
         return masking.reduce(y, m)
 
     # stage 4
+    def shared_peers(self) -> set[int]:
+        """The neighbours whose shares reached this site at stage 3 (the ones it masked with)."""
+        return {p for p in self._held if p != self.node}
+
     def unshared_survivors(self, survivors: Iterable[int]) -> list[int]:
         """The neighbours among ``survivors`` whose shares never reached this site at stage 3 (so it
         did not mask with them). Bonawitz et al. 2017 require U3 within U2: a view that counts such
         a neighbour alive lets the coordinator strip this site's self mask (its b, from the ones
         shown it survived) and every pairwise mask it did add (the key shares of the ones shown
         dropped), i.e. unmask this site's input alone."""
-        return sorted((set(survivors) & set(self.peers)) - set(self._held))
+        return sorted((set(survivors) & set(self.peers)) - self.shared_peers())
 
     def unmask(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[int, tuple[str, tuple[int, bytes]]]:
         """Per neighbour: ("b", share) for a survivor, ("sk", share) for a dropped one. Refused
