@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 from fedlora.errors import ConfigError, DataError, DeploymentError, FedloraError
-from fedlora.processes import flower_env, free_port, parse_address, spawn, stop, wait_for_port
+from fedlora.processes import flower_env, free_port, parse_address, plain, spawn, stop, wait_for_port
 
 log = logging.getLogger("fedlora.client")
 
@@ -59,6 +59,9 @@ DRAIN_GRACE = 10.0  # seconds a stopping site gives the message its worker is on
 SEND_WAIT = 3.0  # then seconds for the SuperNode to send that message's reply
 WORKER_GRACE = 2.0  # seconds a stopping site gives its ClientApp worker to end once the SuperNode is stopped
 REFUSAL_WAIT = 15.0  # seconds a site refused at the handshake waits for its refusal to reach the coordinator
+# seconds it stays connected once its refusal is sent: the SuperLink answers the coordinator's pull of a reply from a node
+# that has gone offline with "Node Unavailable" instead of the reply, so the site lets the coordinator pull it first
+REFUSAL_LINGER = 3.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class SiteOptions:
     eval_metrics: str = "site"
     public_size: int = 0
     model: str = ""
+    lora_rank: int | None = None  # the LoRA rank this site trains (--lora-rank); None: the cohort's
     state_dir: Path = Path("fedlora-state")
     connect_timeout: float = 300.0
     allow_clear_aggregation: bool = False  # send updates and metrics in the clear when asked without secure aggregation
@@ -126,7 +130,7 @@ def check_site(opts: SiteOptions) -> None:
     from fedlora.config import _NAME
     from fedlora.model import model_fingerprint
 
-    from fedlora.server.certs import check_root_cert, check_site_key
+    from fedlora.keyfiles import check_root_cert, check_site_key
 
     from fedlora.tasks import SiteColumns, get_task
 
@@ -148,6 +152,9 @@ def check_site(opts: SiteOptions) -> None:
         raise ConfigError("--delta", opts.delta, "must be in (0, 0.1) (0: automatic)")
     if opts.public_size < 0:
         raise ConfigError("--public-size", opts.public_size, "must be a positive number of records (0: automatic)")
+    if opts.lora_rank is not None and opts.lora_rank < 1:
+        raise ConfigError("--lora-rank", opts.lora_rank, "must be a LoRA rank >= 1 (at most the cohort's lora.rank; checked "
+                          "against it when the coordinator names its model)")
     columns = SiteColumns(opts.text_column, opts.label_column, opts.prompt_column, opts.response_column, opts.messages_column)
     instruction = bool(opts.prompt_column or opts.messages_column)  # text/label files serve either task
     get_task("causal_lm" if instruction else "sequence_classification").read(str(opts.data), columns, None)  # readable, columns present
@@ -208,6 +215,8 @@ def node_config(opts: SiteOptions) -> str:
         if value:
             items[key] = str(value)
     items["eval-metrics"] = opts.eval_metrics
+    if opts.lora_rank is not None:  # the site's own: in its node config, never in a message
+        items["lora-rank"] = str(opts.lora_rank)
     if opts.allow_clear_aggregation:
         items["allow-clear-aggregation"] = "true"
     identity = key_identity(opts.key)
@@ -245,7 +254,7 @@ class SuperNode:
     def _read(self, opts: SiteOptions, log_file: IO[str]) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            log_file.write(line)
+            log_file.write(plain(line))
             log_file.flush()
             if "SuperNode ID" in line:
                 self.connected.set()
@@ -299,6 +308,13 @@ def _stop_on_signals(stopping: threading.Event) -> Callable[[], None]:
             signal.signal(sig, handler)
 
     return restore
+
+
+def _later(seconds: float, fn: Callable[[], None]) -> None:
+    """``fn()`` in ``seconds``, on a daemon timer thread."""
+    timer = threading.Timer(seconds, fn)
+    timer.daemon = True
+    timer.start()
 
 
 def _start_worker(opts: SiteOptions, runtime_port: int, stopping: threading.Event, busy: threading.Event,
@@ -362,9 +378,7 @@ def _run_site(opts: SiteOptions, stopping: threading.Event, say, hard_exit: bool
     def on_fatal(message: str) -> None:  # the ClientApp refused the handshake: this site stops once its refusal is sent
         refused.append(message)
         log.error("%s", message)
-        timer = threading.Timer(REFUSAL_WAIT, stopping.set)
-        timer.daemon = True
-        timer.start()
+        _later(REFUSAL_WAIT, stopping.set)
 
     worker: threading.Thread | None = None
     error: FedloraError | None = None
@@ -379,7 +393,7 @@ def _run_site(opts: SiteOptions, stopping: threading.Event, say, hard_exit: bool
         with (opts.state_dir / "supernode.log").open("a") as log_file:
             while not stopping.is_set():
                 node = SuperNode(opts, runtime_port, log_file, deadline - time.monotonic())
-                node.on_sent = lambda: stopping.set() if refused else None  # a refusal sent: the site stops
+                node.on_sent = lambda: _later(REFUSAL_LINGER, stopping.set) if refused else None  # a refusal sent: the site stops
                 if worker is None:
                     try:
                         wait_for_port("127.0.0.1", runtime_port, 60, node.proc, lambda: "")

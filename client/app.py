@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,17 +42,18 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.errors import (BUDGET_EXHAUSTED_CODE, DATA_MISMATCH_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE, SITE_ERROR_CODE,
-                            UNKNOWN_COHORT_CODE, DataError, FedloraError, ProtocolError, UnknownCohort)
+from fedlora.errors import (ADAPTER_NOT_HELD_CODE, BUDGET_EXHAUSTED_CODE, DATA_MISMATCH_CODE, POLICY_REFUSED_CODE, PROTOCOL_ERROR_CODE,
+                            SITE_ERROR_CODE, UNKNOWN_COHORT_CODE, AdapterNotHeld, DataError, FedloraError, ProtocolError, UnknownCohort)
 from fedlora.files import append_line
 from fedlora.model import LoraRuntime, ModelSpec, get_runtime
 from fedlora.privacy import eval_release, key_signing
 from fedlora.privacy.policy import EffectivePrivacy, PolicyRefused, effective_privacy, refuse_clear
-from fedlora.protocol import (ClientDpAsk, CohortsOffer, EvalKept, EvalMetrics, HelloAsk, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, arrays,
-                              read, record_of)
+from fedlora.protocol import (ClientDpAsk, CohortsOffer, EvalKept, EvalMetrics, HelloAsk, PrivacyAsk, RoundPlan, SecAggSetup, SiteInfo, TrainMetrics, read,
+                              record_of)
 from fedlora.records import from_record, to_record
 from fedlora.tasks import EncodedExamples
 
+from .adapter_cache import adapter_for
 from .data import split_train_eval
 from . import secagg_site
 from .privacy_site import BudgetExhausted, client_level_update, private_eval_noise, private_round
@@ -68,15 +70,20 @@ class SiteData:
     labels: tuple[str, ...]
 
 
-_DATA_CACHE: dict[tuple, SiteData] = {}
+DATA_CACHE_SITES = 1024  # sites whose tokenised data a process keeps (a simulation of many sites lets the oldest go)
+_DATA_CACHE: OrderedDict[tuple, SiteData] = OrderedDict()
 
 
 def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed: int, eval_fraction: float) -> SiteData:
-    """Load, validate, split and tokenise a site's data once per process: its ``rows`` of the
-    file (all rows when empty; the file itself is read once per process, ``load_labelled_texts``)."""
+    """Load, validate, split and tokenise a site's data when it first works: its ``rows`` of the
+    file (all rows when empty; the file itself is read once per process, ``load_labelled_texts``),
+    or the rows a ``generated:`` path names. Kept for the last ``DATA_CACHE_SITES`` sites of the
+    process; an older one is read again when it next works (same rows, same split)."""
     key = (site.name, site.cohort, site.data_path, site.columns, site.rows, runtime.spec.task,
            tuple(labels), str(runtime.path), runtime.spec.max_length, seed, eval_fraction)
-    if key not in _DATA_CACHE:
+    if key in _DATA_CACHE:
+        _DATA_CACHE.move_to_end(key)
+    else:
         data, label_list = runtime.task.read(site.data_path, site.columns, list(labels))
         if site.rows:
             beyond = [r for r in (min(site.rows), max(site.rows)) if not 0 <= r < len(data)]
@@ -88,23 +95,28 @@ def site_data(site: SiteSpec, labels: Sequence[str], runtime: LoraRuntime, seed:
         enc = runtime.task.encode
         tok, n = runtime.tokenizer, runtime.spec.max_length
         _DATA_CACHE[key] = SiteData(enc(tok, train, label_list, n), enc(tok, held_out, label_list, n), tuple(label_list))
+        while len(_DATA_CACHE) > DATA_CACHE_SITES:
+            _DATA_CACHE.popitem(last=False)
     return _DATA_CACHE[key]
 
 
 def site_model(cfg: ConfigRecord, site: SiteSpec) -> ModelSpec:
     """The coordinator's model spec with this site's own copy of the base model (``site.model``,
-    if the site names one); refuses a copy whose name or hash differs from the coordinator's."""
+    if the site names one) and the LoRA rank it trains (``site.lora_rank``, ``ModelSpec.at_rank``:
+    the site's own choice, never told to the coordinator); refuses a copy whose name or hash differs
+    from the coordinator's, and a rank the cohort's mode and rank do not allow."""
     spec = ModelSpec.from_flat(cfg)
     if site.model:
         spec = replace(spec, source=site.model)
     spec.check_base_model(spec.source)
-    return spec
+    return spec.at_rank(site.lora_rank)
 
 
 def _settings(plan: RoundPlan) -> LocalTrainSettings:
     return LocalTrainSettings(local_steps=plan.local_steps, local_epochs=plan.local_epochs, batch_size=plan.batch_size,
                               optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_decay=plan.weight_decay,
-                              max_grad_norm=plan.max_grad_norm, momentum=plan.momentum, max_local_steps=plan.max_local_steps)
+                              max_grad_norm=plan.max_grad_norm, momentum=plan.momentum, max_local_steps=plan.max_local_steps,
+                              proximal_mu=plan.proximal_mu)
 
 
 def _keep_metrics(site: SiteSpec, round_: int, res) -> None:
@@ -124,7 +136,7 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
     ``on_fatal(message)`` is called when the site cannot join at all (its cohort is not the
     run's, or its data does not fit the cohort's labels): ``fedlora client`` then stops."""
     app = ClientApp()
-    table = tuple(sites) if sites is not None else None
+    table = sites  # a sequence by partition id; a large simulated population makes each SiteSpec when first asked for
 
     def resolve(ctx: Context) -> SiteSpec:
         if table is not None:
@@ -139,10 +151,12 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
             except FedloraError as e:
                 budget = isinstance(e, BudgetExhausted)  # expected once a budget is spent: not an error
                 kind = msg.metadata.message_type
-                log.log(logging.WARNING if budget else logging.ERROR, "site %s refused %s: %s", site.name, kind, e)
+                level = logging.INFO if isinstance(e, AdapterNotHeld) else logging.WARNING if budget else logging.ERROR
+                log.log(level, "site %s refused %s: %s", site.name, kind, e)
                 code = (BUDGET_EXHAUSTED_CODE if budget else POLICY_REFUSED_CODE if isinstance(e, PolicyRefused)
                         else PROTOCOL_ERROR_CODE if isinstance(e, ProtocolError) else DATA_MISMATCH_CODE if isinstance(e, DataError)
-                        else UNKNOWN_COHORT_CODE if isinstance(e, UnknownCohort) else SITE_ERROR_CODE)
+                        else UNKNOWN_COHORT_CODE if isinstance(e, UnknownCohort)
+                        else ADAPTER_NOT_HELD_CODE if isinstance(e, AdapterNotHeld) else SITE_ERROR_CODE)
                 # what a data error says (a row, a label, a path) stays in the site's own log
                 reason = (f"site {site.name}: its data does not fit this cohort's plan (details in the site's own log)"
                           if isinstance(e, DataError) else f"site {site.name}: {e}")
@@ -160,7 +174,7 @@ def make_client_app(sites: Sequence[SiteSpec] | None = None, *, device: str = "a
         eff = effective_privacy(site.policy, read(PrivacyAsk, msg.content, kind))  # refuses a request for less privacy
         runtime = get_runtime(site_model(msg.content["config"], site), site.device or device, dtype)
         data = site_data(site, list(plan.labels), runtime, plan.seed, plan.eval_fraction)
-        state, _ = from_record(arrays(msg.content, "adapter", kind), runtime.adapter_shapes(len(plan.labels)))
+        state, _ = from_record(adapter_for(msg.content, kind), runtime.adapter_shapes(len(plan.labels)))
         return runtime, plan, eff, data, state
 
     def secagg_setup(msg: Message) -> SecAggSetup | None:

@@ -6,12 +6,17 @@ file, and where it applies the row (1-based, header not counted), the column and
 Nothing is written here. A file's parsed contents are cached per process (keyed by the resolved
 path, size, modification time, columns and label list), so the virtual sites of one cohort that
 share a file read it once.
+
+A data path ``generated:<kind>/<spec>`` names no file but a table a generator registered in this
+process (``register_generator``) makes in memory when it is read: the simulation's synthetic demo
+sites (``fedlora.simulation.demo_data``), whose rows are a pure function of (seed, cohort, site),
+exist only while a site works. It is read and validated like a file, and never cached here.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +27,36 @@ from fedlora.model import derive_seed
 from fedlora.tasks.base import LabelledTexts
 
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+GENERATED = "generated:"  # a data path made in memory by a registered generator (``register_generator``), not a file
+_GENERATORS: dict[str, Callable[[str], pd.DataFrame]] = {}
+
+
+def register_generator(kind: str, make: Callable[[str], pd.DataFrame]) -> None:
+    """Let the data path ``generated:<kind>/<spec>`` stand, in this process, for the table ``make(spec)``
+    builds (columns as a file's would be); registering a kind again replaces its generator."""
+    _GENERATORS[kind] = make
+
+
+def _generated_table(path: str) -> pd.DataFrame:
+    """The table a ``generated:`` data path names; DataError naming the path if no generator makes it."""
+    kind, _, spec = path.removeprefix(GENERATED).partition("/")
+    make = _GENERATORS.get(kind)
+    if make is None:
+        raise DataError(f"{path}: no generator for {kind!r} data in this process (known: {', '.join(sorted(_GENERATORS)) or 'none'})")
+    try:
+        df = make(spec)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{path}: cannot be generated: {e}") from None
+    if len(df) == 0:
+        raise DataError(f"{path}: the generator made no rows")
+    return df
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, JSONL or Parquet file as strings-or-objects, with errors that name the file."""
+    """Read a CSV, JSONL or Parquet file as strings-or-objects, with errors that name the file
+    (or build the table a ``generated:`` path names)."""
+    if str(path).startswith(GENERATED):
+        return _generated_table(str(path))
     p = Path(path)
     kind = SUFFIXES.get(p.suffix.lower())
     if kind is None:
@@ -101,7 +132,7 @@ def load_labelled_texts(path: str | Path, text_column: str, label_column: str, l
     column/label choices; a changed file has another size or mtime and is read again); the
     returned labels array is read-only, ``subset`` copies."""
     p = Path(path)
-    fk = _file_key(p)
+    fk = None if str(path).startswith(GENERATED) else _file_key(p)
     key = None if fk is None else (*fk, text_column, label_column, tuple(labels) if labels else None)
     if key is not None and key in _CACHE:
         _CACHE.move_to_end(key)

@@ -33,7 +33,7 @@ from fedlora.privacy.events import DpSgdEvent
 from fedlora.privacy.randomness import RoundSeeds
 from fedlora.tasks import EncodedExamples
 
-from .trainer import LocalTrainSettings, TrainResult, adapter_delta, make_optimizer
+from .trainer import LocalTrainSettings, ProximalTerm, TrainResult, adapter_delta, load_global, make_optimizer
 
 
 class PrivacyCheckError(FedloraError):
@@ -105,7 +105,7 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
     the OS's secret randomness; ``RoundSeeds.reproducible`` only for research runs)."""
     if not 0 < dp.sample_rate <= 1:
         raise FedloraError(f"DP sample rate must be in (0, 1], got {dp.sample_rate}")
-    runtime.load_adapter(global_state, seed, cohort, num_labels)
+    load_global(runtime, global_state, seed, cohort, num_labels)  # a lower-rank site: the first r components
     model = runtime.model
     model.train()
     params = runtime.trainable_parameters()
@@ -115,6 +115,7 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
     expected_batch = dp.expected_batch or max(1, int(round(dp.sample_rate * n)))
     noise_gen = torch.Generator(device=runtime.device).manual_seed(seeds.torch_seed("noise"))
     gsm, opt, ghost = _wrap(model, make_optimizer(params, settings), dp, expected_batch, noise_gen, grad_sample_mode)
+    prox = ProximalTerm(params, settings)  # FedProx: data-independent, after the noised step
     try:
         rng = np.random.default_rng(seeds.sampling)
         torch.manual_seed(seeds.torch_seed("dropout"))
@@ -150,7 +151,7 @@ def train_local_dp(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray],
                 if not ghost:
                     _zero_non_finite_examples(params)
                 losses.append(float(per_example.detach().mean()))
-            opt.step()
+            prox.step(opt.step)
         seconds = time.perf_counter() - start
     finally:
         gsm.cleanup()  # remove hooks and per-sample gradient buffers from the shared model

@@ -69,7 +69,7 @@ from fedlora.privacy.key_signing import Credentials, KeyAuthError, KeyContext, S
 from fedlora.privacy.quantization import Quantizer, wire_dtype
 from fedlora.privacy.secagg import SecAggAbort, SecAggSite, UnmaskRefused, check_parameters, site_from_json, site_to_json
 from fedlora.privacy.secagg_vector import EVAL_LOSS_SCALE, EVAL_MODULUS_BITS, eval_vector, site_vector, site_weight
-from fedlora.protocol import (ConsistencyAsk, ConsistencyReply, MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk,
+from fedlora.protocol import (AdapterRef, ConsistencyAsk, ConsistencyReply, MaskedAsk, SecAggKeys, SecAggSetup, ShareAsk, ShareReply, UnmaskAsk,
                               UnmaskReply, read, record_of)
 
 STATE_KEY = "fedlora.secagg"
@@ -248,9 +248,15 @@ def request_digest(content: RecordDict) -> str:
     secure sum is asked the same, so their digests agree; each site signs its keys over its own
     (``key_signing.KeyContext.request``) and checks its peers' signatures against its own, so a
     coordinator that asks different sites different things (a per-site weight scale, quantiser,
-    learning rate, privacy ask or adapter) gets its sum refused at stage 2, before any share."""
+    learning rate, privacy ask or adapter) gets its sum refused at stage 2, before any share.
+    A message that names its adapter by digest (``AdapterRef``) is covered through that digest
+    and not the adapter's bytes (which the coordinator leaves out for a site that holds them):
+    the site uses only an adapter whose bytes hash to it (``adapter_cache.adapter_for``)."""
     h = hashlib.sha256(b"fedlora-secagg-request/v1\0")
+    by_ref = AdapterRef.record in content
     for name in sorted(content.keys()):
+        if by_ref and name == "adapter":
+            continue
         record = content[name]
         h.update(json.dumps(["record", name, type(record).__name__]).encode() + b"\0")
         if isinstance(record, ArrayRecord):

@@ -45,7 +45,7 @@ def _whole(value: Any, key: str) -> int:
 class SiteSpec:
     name: str
     cohort: str
-    data_path: str
+    data_path: str  # its data file; in a large simulation a ``generated:`` path (rows made in memory, ``fedlora.client.data``)
     text_column: str = "text"
     label_column: str = "label"
     prompt_column: str = ""  # instruction data (causal_lm): prompt/response columns, or a messages column
@@ -55,6 +55,7 @@ class SiteSpec:
     state_dir: str = ""  # where the site keeps what must outlive its process (its privacy ledger); "" = memory only
     model: str = ""  # the base model this site holds (path or packaged name); "" = the one the coordinator names
     device: str = ""  # this site's device (auto, cpu, cuda, cuda:N); "" = the process default
+    lora_rank: int = 0  # the LoRA rank this site trains (its compute budget; <= the cohort's, frozen_a only); 0 = the cohort's
     policy: SitePolicy = field(default_factory=SitePolicy)  # the site's own privacy policy (fedlora.privacy.policy)
     identity: str = ""  # the site's key identity (deployment: its public key's fingerprint); "" = sim:<name>
     signing_key: str = field(default="", repr=False)  # its EC P-256 (or P-384) private key (PEM or OpenSSH text); "" = none
@@ -87,7 +88,7 @@ class SiteSpec:
         """Read a deployed site's spec from SuperNode node config keys
         ``site-name``, ``domain``, ``data-path``, ``text-column``, ``label-column``, ``prompt-column``,
         ``response-column``, ``messages-column``, ``state-dir``,
-        ``model``, ``device``, ``identity``, the policy: ``epsilon``, ``delta``, ``accountant``,
+        ``model``, ``device``, ``lora-rank`` (the rank this site trains, ``ModelSpec.at_rank``), ``identity``, the policy: ``epsilon``, ``delta``, ``accountant``,
         ``eval-metrics``, ``public-size``, ``allow-clear-aggregation`` (default false: the site
         requires secure aggregation and never sends an update or a metric in the clear), and the paths of the signing material (read here):
         ``signing-key`` (the site's ``.key``), ``cert`` (its ``.crt``), ``ca`` (``ca.pem``); key
@@ -107,12 +108,18 @@ class SiteSpec:
                                                                      "allow-clear-aggregation"))
         except (ValueError, FedloraError) as e:
             raise ConfigError("node-config", dict(node_config), f"the site's privacy policy: {e}") from None
+        try:
+            lora_rank = _whole(node_config.get("lora-rank", 0), "lora-rank")
+        except ValueError as e:
+            raise ConfigError("node-config", dict(node_config), f"the site's LoRA rank: {e}") from None
+        if "lora-rank" in node_config and lora_rank < 1:
+            raise ConfigError("lora-rank", node_config["lora-rank"], "must be a LoRA rank >= 1 (at most the cohort's lora.rank)")
         return cls(name=str(node_config.get("site-name") or domain), cohort=domain, data_path=str(node_config["data-path"]),
                    text_column=str(node_config.get("text-column", "text")), label_column=str(node_config.get("label-column", "label")),
                    prompt_column=str(node_config.get("prompt-column", "")), response_column=str(node_config.get("response-column", "")),
                    messages_column=str(node_config.get("messages-column", "")),
                    state_dir=state_dir,
-                   model=str(node_config.get("model", "")), device=str(node_config.get("device", "")), policy=policy,
+                   model=str(node_config.get("model", "")), device=str(node_config.get("device", "")), lora_rank=lora_rank, policy=policy,
                    identity=str(node_config.get("identity", "")), **_signing_material(node_config))
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedlora.model import LoraRuntime, derive_seed
+from fedlora.strategies.lora_math import pad_rank, truncate_rank
 from fedlora.tasks import EncodedExamples, EvalResult
 
 
@@ -31,6 +33,7 @@ class LocalTrainSettings:
     max_grad_norm: float
     momentum: float = 0.0
     max_local_steps: int = 0
+    proximal_mu: float = 0.0  # FedProx: the pull towards the global adapter (``proximal_step``); 0: none
 
     def steps_for(self, n_train: int) -> int:
         """``local_epochs > 0``: ceil(epochs * n / batch), at most ``max_local_steps`` when that is > 0;
@@ -70,20 +73,59 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: LocalTrainSetting
     return torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.momentum, weight_decay=settings.weight_decay)
 
 
+class ProximalTerm:
+    """FedProx's proximal term ``(mu / 2) ||w - w_global||^2`` (``fedlora.strategies.fedprox``),
+    ``w_global`` the adapter the round started from, applied beside each optimizer step as its own
+    decoupled step: ``w <- opt_step(w) - lr * mu * (w - w_global)`` with ``w`` the point before
+    the step (``proximal_gradient``). With plain SGD this is exactly SGD on the gradient plus the
+    term's gradient ``mu (w - w_global)``; with momentum or AdamW the pull is not rescaled by the
+    optimizer's state (as decoupled weight decay). It reads no data, so under DP-SGD it is
+    post-processing of the noised step. ``mu = 0``: just the optimizer step."""
+
+    def __init__(self, params: list[torch.nn.Parameter], settings: LocalTrainSettings) -> None:
+        self.factor = settings.learning_rate * settings.proximal_mu
+        self.params = params
+        self.anchors = [p.detach().clone() for p in params] if self.factor > 0 else []
+
+    def step(self, optimizer_step: Callable[[], Any]) -> None:
+        """``optimizer_step()`` (e.g. ``opt.step``), then the proximal pull from the point before it."""
+        if not self.anchors:
+            optimizer_step()
+            return
+        from fedlora.strategies.fedprox import proximal_gradient
+
+        with torch.no_grad():
+            pulls = [proximal_gradient(p.detach(), anchor, self.factor) for p, anchor in zip(self.params, self.anchors)]
+        optimizer_step()
+        with torch.no_grad():
+            for p, pull in zip(self.params, pulls):
+                p.sub_(pull)
+
+
+def load_global(runtime: LoraRuntime, state: Mapping[str, np.ndarray], seed: int, cohort: str, num_labels: int) -> None:
+    """Load the cohort's adapter (the cohort's rank R) into the site's model: at a site of a lower
+    rank r (``runtime.rank``), its first r components (``lora_math.truncate_rank``)."""
+    runtime.load_adapter(truncate_rank(state, runtime.rank), seed, cohort, num_labels)
+
+
 def adapter_delta(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The update a site sends: its trained adapter minus the global adapter it started from."""
+    """The update a site sends: its trained adapter minus the global adapter it started from. A
+    site of a lower rank r takes the difference on the first r components and sends it zero-padded
+    to the cohort's rank (``lora_math.pad_rank``): the cohort's shapes, zero beyond r."""
     trained = runtime.export_adapter()
-    return {k: trained[k] - np.asarray(global_state[k], dtype=np.float32) for k in trained}
+    start = truncate_rank(global_state, runtime.rank)
+    return pad_rank({k: trained[k] - np.asarray(start[k], dtype=np.float32) for k in trained}, runtime.spec.lora_rank)
 
 
 def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], examples: EncodedExamples,
                 settings: LocalTrainSettings, *, seed: int, site: str, cohort: str, num_labels: int, round_: int) -> TrainResult:
     """Train the cohort's adapter on the site's examples from ``global_state``; return the update."""
-    runtime.load_adapter(global_state, seed, cohort, num_labels)
+    load_global(runtime, global_state, seed, cohort, num_labels)
     model = runtime.model
     model.train()
     params = runtime.trainable_parameters()
     opt = make_optimizer(params, settings)
+    prox = ProximalTerm(params, settings)
     steps = settings.steps_for(len(examples))
     rng = np.random.default_rng(derive_seed(seed, "batches", site, round_))
     torch.manual_seed(derive_seed(seed, "dropout", site, round_))
@@ -98,7 +140,7 @@ def train_local(runtime: LoraRuntime, global_state: Mapping[str, np.ndarray], ex
         loss.backward()
         if settings.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        opt.step()
+        prox.step(opt.step)
         losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
     delta = adapter_delta(runtime, global_state)
@@ -110,7 +152,7 @@ def evaluate_local(runtime: LoraRuntime, state: Mapping[str, np.ndarray], exampl
                    seed: int, cohort: str, labels: Sequence[str], batch_size: int = 64) -> EvalResult:
     """The task's evaluation (``Task.evaluate``: loss, accuracy, counts) of the cohort's adapter on the
     site's held-out examples."""
-    runtime.load_adapter(state, seed, cohort, len(labels))
+    load_global(runtime, state, seed, cohort, len(labels))
     runtime.model.eval()
     try:
         return runtime.task.evaluate(runtime, examples, list(labels), batch_size)

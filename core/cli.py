@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import sys
+import tomllib
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,8 +65,23 @@ def _data_arg(text: str) -> tuple[str, str]:
     return domain, path
 
 
+def _option_arg(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE read as a TOML value (``eta=0.01``, ``num_malicious=1``, ``flag=true``)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return name.strip(), value.strip()  # a bare word: a string option
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that override a run config, shared by ``simulate`` and ``server``."""
+    p.add_argument("--strategy", metavar="NAME", help="aggregation rule: fedavg (default), fedavgm, fedprox, fedadam, fedyogi, "
+                   "fedadagrad; without secure aggregation also median, trimmed_mean, krum, multikrum")
+    p.add_argument("--strategy-option", action="append", type=_option_arg, metavar="NAME=VALUE", dest="strategy_options",
+                   help="an option of the strategy (repeatable; e.g. eta=0.01, mu=0.1); [federation.strategy_options] in a config")
     p.add_argument("--sites", type=int, help="sites per cohort")
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--local-steps", type=int, help="optimizer steps per site per round")
@@ -127,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--response-column", help="causal_lm: response column of --data files")
     s.add_argument("--messages-column", help="causal_lm: a column of chat turns whose last turn is the assistant's answer")
     s.add_argument("--engine", choices=["inprocess", "ray"])
+    s.add_argument("--ray-address", metavar="HOST:PORT", help="with --engine ray: a running Ray cluster (ray start --head) to run the "
+                   "virtual sites on (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--examples-per-site", type=int, help="demo data rows at the largest site")
     s.add_argument("--partition", choices=["iid", "dirichlet", "pathological", "size", "column"],
@@ -167,7 +185,8 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "train.max_local_steps": args.max_local_steps, "train.optimizer": args.optimizer, "train.momentum": args.momentum,
         "model.pooling": args.pooling, "task.kind": args.task_kind, "lora.target_modules": args.target_modules,
         "train.gradient_checkpointing": args.gradient_checkpointing, "model.quantization": args.quantization,
-        "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source,
+        "federation.wire_dtype": args.wire_dtype, "model.source": args.model_source, "federation.strategy": args.strategy,
+        **{f"federation.strategy_options.{name}": value for name, value in (getattr(args, "strategy_options", None) or [])},
         "lora.rank": args.lora_rank, "lora.mode": args.lora_mode,
         "privacy.dp": args.dp, "privacy.epsilon": args.epsilon,
         "privacy.delta": args.delta, "privacy.max_grad_norm": args.max_grad_norm, "privacy.client_dp": args.client_dp,
@@ -199,7 +218,8 @@ def simulate_config(args: argparse.Namespace) -> RunConfig:
         old = data.get("cohorts", {})
         data = dict(data)
         data["cohorts"] = {d: {**old.get(d, {}), "data": path} for d, path in args.data}
-    overrides = run_overrides(args) | {"federation.engine": args.engine, "model.device": args.device,
+    overrides = run_overrides(args) | {"federation.engine": args.engine, "federation.ray_address": args.ray_address,
+                                       "model.device": args.device,
                                        "demo.examples_per_site": args.examples_per_site,
                                        "partition.kind": args.partition, "partition.alpha": args.partition_alpha,
                                        "partition.classes": args.partition_classes, "partition.by": args.partition_by,

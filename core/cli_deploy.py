@@ -132,6 +132,10 @@ def add_deploy_parsers(sub: Any) -> None:
                    help="let this site send its update, train loss and eval metrics IN THE CLEAR when the coordinator asks "
                         "without secure aggregation (default: refused, error 4203; only metrics kept at the site are allowed)")
     k.add_argument("--model", default="", help="the base model this site holds (folder or packaged name; default: the one the coordinator names)")
+    k.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="the LoRA rank this site trains (its compute budget): at most the cohort's lora.rank, below it only with "
+                        "lora.mode = frozen_a (its B update is zero-padded to the cohort's rank; the coordinator is not told R). "
+                        "Default: the cohort's")
     k.add_argument("--state-dir", type=Path, help="where the site keeps its privacy ledger and logs (default fedlora-state/<name>)")
     k.add_argument("--connect-timeout", type=float, default=300.0,
                    help="give up after this many seconds without reaching the coordinator (default 300; retries with backoff)")
@@ -232,7 +236,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
                        messages_column=args.messages_column, key=args.key, root_cert=args.root_cert,
                        cert=default_cert(args.key, args.cert), insecure=args.insecure,
                        device=args.device, epsilon=args.epsilon, delta=args.delta, accountant=args.accountant,
-                       eval_metrics=args.eval_metrics, public_size=args.public_size, model=args.model, state_dir=(args.state_dir or Path("fedlora-state") / name).resolve(),
+                       eval_metrics=args.eval_metrics, public_size=args.public_size, model=args.model, lora_rank=args.lora_rank,
+                       state_dir=(args.state_dir or Path("fedlora-state") / name).resolve(),
                        connect_timeout=args.connect_timeout, allow_clear_aggregation=args.allow_clear_aggregation)
     run_site(opts, say=lambda text: print(text, flush=True), hard_exit=True)
     return 0

@@ -10,11 +10,13 @@ TOML layout (every key optional; see ``RunConfig`` for defaults)::
     seed = 0
     out = "runs/demo"
     [model]      source, max_length, device, dtype, pooling, head_dropout, quantization
-    [lora]       rank, alpha, dropout, target_modules, mode
+    [lora]       rank, alpha, dropout, target_modules, mode,
+                 [lora.site_ranks] site = rank   (frozen_a: sites that train a lower rank)
     [task]       kind
     [train]      rounds, local_steps, local_epochs, max_local_steps, batch_size, optimizer, learning_rate,
                  momentum, weight_decay, eval_fraction, eval_every, max_grad_norm, gradient_checkpointing
-    [federation] engine, strategy, wire_dtype, ray_cpus_per_site, site_sample_rate
+    [federation] engine, strategy, strategy_options, weight_cap, wire_dtype, ray_cpus_per_site, site_sample_rate,
+                 eval_sample_rate
     [demo]       examples_per_site, size_skew, label_skew
     [partition]  kind, alpha, classes, by, min_size   (how a cohort's data file is split across its sites)
     [privacy]    dp, epsilon, delta, max_grad_norm, noise_multiplier, accountant, grad_sample_mode,
@@ -41,6 +43,11 @@ from .validation import one_of as _one_of, require as _require
 
 PACKAGED_MODEL = "packaged:all-MiniLM-L6-v2"
 DEMO_DOMAINS = ("finance", "medical", "retail")
+# the demo cohorts' labels, public: the coordinator of a deployment reads them here, the demo data
+# generator (fedlora.simulation.demo_data, whose word lists are keyed by them) at the sites
+DEMO_LABELS: dict[str, tuple[str, ...]] = {"finance": ("negative", "neutral", "positive"),
+                                           "medical": ("cardiovascular", "digestive", "neoplasms", "nervous"),
+                                           "retail": ("sizing", "quality", "shipping", "satisfied")}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
@@ -84,6 +91,9 @@ class LoraSettings:
     mode: str = field(default="probe", metadata={"help": "probe (only the head on the pooled features: ~1k noisy dimensions instead "
                                                          "of ~20k under DP; LoRA stays at zero), frozen_a (A from a shared seed, only "
                                                          "B and the head trained: exact FedAvg) or standard (A, B and the head)"})
+    site_ranks: Mapping[str, int] = field(default_factory=dict, metadata={
+        "help": "[lora.site_ranks] site = rank: sites that train a lower rank r <= lora.rank (frozen_a only; the first r "
+                "components of the shared A and of B, the update zero-padded to lora.rank: exact, secure aggregation unchanged)"})
 
     def __post_init__(self) -> None:
         _require(isinstance(self.rank, int) and not isinstance(self.rank, bool) and 1 <= self.rank <= 1024,
@@ -97,6 +107,14 @@ class LoraSettings:
         _require(len(self.target_modules) == 1 or not {"auto", "all-linear"} & set(self.target_modules), "lora.target_modules",
                  self.target_modules, "auto and all-linear stand alone, not in a list of module names")
         _one_of("lora.mode", self.mode, ("standard", "frozen_a", "probe"))
+        _require(isinstance(self.site_ranks, Mapping), "lora.site_ranks", self.site_ranks, "must be a table of site = rank")
+        for site, r in self.site_ranks.items():
+            _require(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= self.rank, f"lora.site_ranks.{site}", r,
+                     f"must be an integer in [1, lora.rank = {self.rank}]: a site trains at most the cohort's rank")
+        _require(not self.site_ranks or self.mode == "frozen_a", "lora.site_ranks", dict(self.site_ranks),
+                 f"needs lora.mode = 'frozen_a' (A frozen and shared: a lower-rank site's B zero-padded to lora.rank is exact); "
+                 f"lora.mode = {self.mode!r}" + (" trains A too, and padding A is not exact" if self.mode == "standard"
+                                                  else " trains no LoRA at all"))
 
 
 @dataclass(frozen=True)
@@ -154,20 +172,22 @@ class TrainConfig:
         _require(isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
 
 
-# strategy -> whether it is linear in the updates (needs only their weighted sum; see
-# fedlora.strategies.Strategy.linear): only linear ones compose with secure aggregation
-STRATEGIES = {"fedavg": True, "median": False}
-
-
 @dataclass(frozen=True)
 class FederationConfig:
     """How the federation runs: engine, aggregation strategy, adapter wire dtype, how long replies are waited for."""
 
     engine: str = "inprocess"
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedlora.strategies.available(): fedavg, fedavgm, fedprox, fedadam, fedyogi, fedadagrad, median, ...
+    strategy_options: Mapping[str, Any] = field(default_factory=dict)  # [federation.strategy_options]: the strategy's own options
+    # a site weighs min(n, weight_cap) for its n training examples, in the clear and under secure aggregation alike (each site
+    # then sends w = min(n, cap) / cap in [0, 1]); a public cap that bounds any one site's pull on the mean
+    weight_cap: float = 1000.0
     wire_dtype: str = "float32"
     ray_cpus_per_site: float = 1.0
+    ray_address: str = ""  # engine "ray": a running Ray cluster's address (ray start --head; also RAY_ADDRESS); "": a local Ray
     site_sample_rate: float = 1.0  # each round, every site of a cohort is sampled independently with this probability
+    # each evaluation, every site of a cohort is sampled independently with this probability (its own draw; 1: every site)
+    eval_sample_rate: float = 1.0
     # seconds the coordinator waits for a site's reply to each message of a kind; a site that has not answered by then
     # is left out of that round and named ("timed out after N s"); secure-aggregation stages: secure_aggregation.stage_timeout
     train_timeout: float = 3600.0
@@ -176,16 +196,33 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _one_of("federation.engine", self.engine, ("inprocess", "ray"))
-        _one_of("federation.strategy", self.strategy, tuple(STRATEGIES))
+        _require(isinstance(self.weight_cap, (int, float)) and not isinstance(self.weight_cap, bool) and math.isfinite(self.weight_cap)
+                 and self.weight_cap >= 1, "federation.weight_cap", self.weight_cap, "must be a number of examples >= 1")
+        self.build_strategy()  # an unknown strategy or option is refused here, before anything runs
         _one_of("federation.wire_dtype", self.wire_dtype, ("float32", "bfloat16", "float16"))
+        _require(isinstance(self.ray_address, str) and (not self.ray_address or self.engine == "ray"), "federation.ray_address",
+                 self.ray_address, "is the address of a Ray cluster for federation.engine = \"ray\" (--engine ray)")
         _require(isinstance(self.ray_cpus_per_site, (int, float)) and self.ray_cpus_per_site > 0,
                  "federation.ray_cpus_per_site", self.ray_cpus_per_site, "must be > 0")
         _require(isinstance(self.site_sample_rate, (int, float)) and 0 < self.site_sample_rate <= 1,
                  "federation.site_sample_rate", self.site_sample_rate, "must be in (0, 1]")
+        _require(isinstance(self.eval_sample_rate, (int, float)) and not isinstance(self.eval_sample_rate, bool)
+                 and 0 < self.eval_sample_rate <= 1, "federation.eval_sample_rate", self.eval_sample_rate, "must be in (0, 1]")
         for key in ("train_timeout", "evaluate_timeout", "query_timeout"):
             v = getattr(self, key)
             _require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0, f"federation.{key}", v,
                      "must be a number of seconds > 0")
+
+    def build_strategy(self) -> Any:
+        """The run's strategy (``fedlora.strategies.get_strategy``) built with its options; an unknown
+        name, option or a bad value is a ``ConfigError`` naming it and what is allowed."""
+        from .strategies import StrategyOptionError, get_strategy
+
+        try:
+            return get_strategy(self.strategy, **dict(self.strategy_options))
+        except StrategyOptionError as e:
+            key = "federation.strategy" if str(e).startswith("unknown strategy") else "federation.strategy_options"
+            raise ConfigError(key, self.strategy if key == "federation.strategy" else dict(self.strategy_options), str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -257,8 +294,8 @@ class CohortConfig:
         key = f"cohorts.{self.name}"
         _require(isinstance(self.name, str) and _NAME.match(self.name) is not None, key, self.name,
                  "cohort names are lower-case letters, digits and _ (at most 32), starting with a letter")
-        _require(isinstance(self.sites, int) and not isinstance(self.sites, bool) and 1 <= self.sites <= 10_000,
-                 f"{key}.sites", self.sites, "must be an integer in [1, 10000]")
+        _require(isinstance(self.sites, int) and not isinstance(self.sites, bool) and 1 <= self.sites <= 100_000,
+                 f"{key}.sites", self.sites, "must be an integer in [1, 100000]")
         _require(isinstance(self.labels, tuple) and all(isinstance(x, str) and x for x in self.labels),
                  f"{key}.labels", self.labels, "must be a list of non-empty strings")
         _require(len(set(self.labels)) == len(self.labels), f"{key}.labels", self.labels, "must not repeat a label")
@@ -309,10 +346,13 @@ class RunConfig:
         _require(self.partition.kind == "iid" or any(c.data for c in self.cohorts), "partition.kind", self.partition.kind,
                  "splits a cohort's data file across its sites, but no cohort has one (--data DOMAIN=PATH); the demo data "
                  "is skewed by [demo] size_skew and label_skew")
-        if self.secure_aggregation.enabled:
-            _require(STRATEGIES[self.federation.strategy], "federation.strategy", self.federation.strategy,
-                     "needs every site's update individually, which secure aggregation never reveals; use a linear strategy "
-                     "(fedavg) or set secure_aggregation.enabled = false")
+        refusal = self.federation.build_strategy().secure_refusal()
+        if self.secure_aggregation.enabled and refusal:
+            _require(False, "federation.strategy", self.federation.strategy, f"{refusal}, or set secure_aggregation.enabled = false "
+                     "(--no-secure-aggregation)")
+        if self.privacy.client_dp and refusal:
+            _require(False, "federation.strategy", self.federation.strategy, "cannot be combined with privacy.client_dp: client-level "
+                     f"DP releases only the noised mean of the clipped updates ({refusal.split(';')[0]})")
         _require(not (self.train.gradient_checkpointing and self.privacy.dp), "train.gradient_checkpointing", True,
                  "cannot be combined with DP-SGD: Opacus's per-example gradient hooks would see every checkpointed layer twice "
                  "(recomputed in backward); turn one of them off")

@@ -9,6 +9,7 @@ POLICY_REFUSED_CODE = 4203  # the coordinator asked for less privacy than the si
 PROTOCOL_ERROR_CODE = 4204  # the message is malformed (a key missing, of the wrong type, unknown)
 DATA_MISMATCH_CODE = 4205  # the site's data does not fit its cohort (labels, columns): details stay in the site's own log
 UNKNOWN_COHORT_CODE = 4206  # the site's cohort (--domain) is not one of this federation's
+ADAPTER_NOT_HELD_CODE = 4207  # the message names an adapter by digest that the site does not hold: send it in full
 
 INCOMPLETE_EXIT = 10  # the run finished, but some cohort was skipped (too few sites for secure aggregation)
 
@@ -83,3 +84,8 @@ class RunInterrupted(FedloraError):
     """The run was interrupted (Ctrl-C); its directory keeps the last checkpoint."""
 
     exit_code = 130
+
+
+class AdapterNotHeld(FedloraError):
+    """A message names its adapter only by digest, and this site does not hold that adapter
+    (it restarted, or its cache let it go): the coordinator resends the message in full."""

@@ -1,4 +1,6 @@
-"""Private key files: refused at use when anyone but their owner can read them.
+"""Private key files: refused at use when anyone but their owner can read them; a site's key and
+the federation's root certificate checked before a SuperNode starts (``check_site_key``,
+``check_root_cert``: shared by ``fedlora client`` and the coordinator's tools).
 
 ``fedlora keygen`` and ``fedlora certs`` create every private key with mode 0600; a key that
 has since become readable by its group or by others (copied with ``cp`` under a loose umask,
@@ -15,7 +17,11 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import DeploymentError
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .errors import ConfigError, DeploymentError
 
 
 def check_private_key_file(path: str | Path, what: str = "private key") -> Path:
@@ -36,3 +42,26 @@ def check_private_key_file(path: str | Path, what: str = "private key") -> Path:
                               f"no longer be secret; refusing to use it. If only you could have read it, restrict it with: "
                               f"chmod 600 {p}")
     return p
+
+
+def check_site_key(path: Path) -> None:
+    """A site's private key as Flower's SuperNode reads it (OpenSSH, elliptic curve), refused
+    (``DeploymentError``) when its group or others can read it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("--key", str(path), f"is not a readable OpenSSH private key (made by fedlora keygen): {e}") from None
+    check_private_key_file(path, "this site's private key (--key)")
+    try:
+        key = serialization.load_ssh_private_key(data, None)
+    except ValueError as e:
+        raise ConfigError("--key", str(path), f"is not a readable OpenSSH private key (made by fedlora keygen): {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError("--key", str(path), "must be an elliptic-curve key (fedlora certs makes P-256 keys)")
+
+
+def check_root_cert(path: Path) -> None:
+    try:
+        x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError("--root-cert", str(path), f"is not a readable PEM certificate: {e}") from None

@@ -18,7 +18,10 @@ Adapter state keys (also the wire keys) are the PEFT parameter names without the
 Initial adapters are a pure function of (seed, cohort): A ~ U(-1/sqrt(in), 1/sqrt(in))
 (PEFT's Kaiming-uniform bound), B = 0, head weights ~ N(0, 0.02^2), biases 0, each drawn from
 a generator seeded by SHA-256 of (seed, cohort, parameter name). In ``frozen_a`` mode every
-site rebuilds the same A from that seed and only B and the head are trained and sent.
+site rebuilds the same A from that seed and only B and the head are trained and sent. A site may
+train a lower rank r than the cohort's R there (``ModelSpec.at_rank``): its runtime holds rank-r
+LoRA layers with the cohort's scaling alpha / R, the first r rows of the same A, and exchanges
+arrays at the cohort's shapes (``adapter_shapes``; the client cuts and pads them).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import json
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,8 @@ class ModelSpec:
     gradient_checkpointing: bool = False
     name: str = ""  # the base model's name and content hash (``model_fingerprint``), checked by every site
     sha256: str = ""
+    # the rank this site trains (``at_rank``; 0: the cohort's ``lora_rank``): the site's own business, never on the wire
+    site_rank: int = 0
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ModelSpec:
@@ -98,6 +103,27 @@ class ModelSpec:
                    quantization=cfg.model.quantization, gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
                    name=name, sha256=sha)
 
+    def at_rank(self, rank: int) -> ModelSpec:
+        """This spec for a site that trains LoRA rank ``rank`` (its compute budget, ``fedlora client
+        --lora-rank``; 0: the cohort's ``lora_rank`` R). A rank below R needs ``frozen_a``: the site
+        trains the first ``rank`` columns of B over the first ``rank`` rows of the shared frozen A and
+        sends its update zero-padded to R (``fedlora.strategies.lora_math``), which is exact. With A
+        trained too (``standard``) padding A is not exact, and ``probe`` trains no LoRA at all: both
+        are refused, as are a rank above R and one below 1 (``ModelError`` naming them)."""
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+            raise ModelError(f"this site's LoRA rank (--lora-rank) must be an integer >= 1, got {rank!r}")
+        if rank in (0, self.lora_rank):
+            return replace(self, site_rank=0)
+        if rank > self.lora_rank:
+            raise ModelError(f"this site's LoRA rank (--lora-rank) {rank} exceeds the cohort's lora.rank {self.lora_rank}: a site "
+                             f"trains at most the cohort's rank")
+        if self.lora_mode != "frozen_a":
+            raise ModelError(f"this site's LoRA rank (--lora-rank) {rank} is below the cohort's lora.rank {self.lora_rank}, which "
+                             f"needs lora.mode = 'frozen_a' (A frozen and shared, only B zero-padded: exact); the coordinator runs "
+                             f"lora.mode = {self.lora_mode!r}" + (" (A and B both trained: padding A is not exact)"
+                                                                 if self.lora_mode == "standard" else ""))
+        return replace(self, site_rank=rank)
+
     def check_base_model(self, source: str) -> None:
         """Refuse to train unless the model at ``source`` (the one this site holds) has the
         name and content hash the coordinator named."""
@@ -109,12 +135,15 @@ class ModelSpec:
                              f"this site holds {name} (sha256 {sha[:16]}...) at {resolve_model_path(source)}; refusing to train")
 
     def to_flat(self) -> dict[str, Any]:
-        """Flat scalars/lists for a Flower ConfigRecord (keys prefixed ``model.``)."""
-        return {f"model.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """Flat scalars/lists for a Flower ConfigRecord (keys prefixed ``model.``); a site's own
+        rank (``site_rank``) is not among them."""
+        return {f"model.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k != "site_rank"}
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> ModelSpec:
-        vals = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+        """The coordinator's spec from ``to_flat``'s keys (a ``model.site_rank`` it sends is ignored:
+        the rank a site trains is the site's to choose, ``at_rank``)."""
+        vals = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.") and k != "model.site_rank"}
         try:
             vals["lora_targets"] = tuple(vals["lora_targets"])
             return cls(**vals)
@@ -280,7 +309,10 @@ class LoraRuntime:
             body.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.hidden_size = int(body.config.hidden_size)
         self._check_targets(body, spec.lora_targets)
-        lora = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
+        # the rank this site trains (the cohort's R unless ``spec.site_rank``); PEFT scales by lora_alpha / r, so a
+        # rank-r site takes lora_alpha = alpha * r / R: the cohort's scaling alpha / R, its B_r A_r a slice of the product
+        self.rank = spec.site_rank or spec.lora_rank
+        lora = LoraConfig(r=self.rank, lora_alpha=spec.lora_alpha * self.rank / spec.lora_rank, lora_dropout=spec.lora_dropout,
                           target_modules=peft_targets(spec.lora_targets), bias="none")
         self.peft_model = get_peft_model(body, lora)
         self.model = self.task.wrap(self.peft_model, spec.pooling, spec.head_dropout, self.hidden_size)
@@ -339,23 +371,34 @@ class LoraRuntime:
         only the head learns, a linear probe of the pooled features)."""
         return [k for k in self.lora_params if not self._frozen(k)]
 
+    def cohort_shape(self, key: str) -> tuple[int, ...]:
+        """A LoRA array's shape at the cohort's rank R (A: R x in, B: out x R), whatever rank this site trains."""
+        shape = list(self.lora_params[key].shape)
+        shape[0 if ".lora_A." in key else 1] = self.spec.lora_rank
+        return tuple(shape)
+
     def adapter_shapes(self, num_labels: int) -> dict[str, tuple[int, ...]]:
-        """Name -> shape of every array that is trained and travels on the wire."""
-        shapes = {k: tuple(self.lora_params[k].shape) for k in self.sent_keys()}
+        """Name -> shape of every array that is trained and travels on the wire (at the cohort's rank:
+        a lower-rank site receives and sends the cohort's shapes)."""
+        shapes = {k: self.cohort_shape(k) for k in self.sent_keys()}
         shapes.update(self.head_shapes(num_labels))
         return shapes
 
-    def initial_adapter(self, seed: int, cohort: str, num_labels: int, *, include_frozen: bool = False) -> dict[str, np.ndarray]:
-        """The cohort's starting adapter: a pure function of (seed, cohort) (module docstring)."""
+    def initial_adapter(self, seed: int, cohort: str, num_labels: int, *, include_frozen: bool = False,
+                        rank: int = 0) -> dict[str, np.ndarray]:
+        """The cohort's starting adapter: a pure function of (seed, cohort) (module docstring), drawn
+        at the cohort's rank R at every site; with ``rank`` (a site's own, <= R) its first ``rank``
+        components (A's first rows, B's first columns: the same draw, cut)."""
         out: dict[str, np.ndarray] = {}
         keys = list(self.lora_params) if include_frozen else self.sent_keys()
         for k in keys:
-            shape = tuple(self.lora_params[k].shape)
+            shape = self.cohort_shape(k)
             if ".lora_A." in k:
                 bound = 1.0 / float(np.sqrt(shape[1]))
                 t = torch.rand(shape, generator=_generator(seed, cohort, k), dtype=torch.float32) * (2 * bound) - bound
+                t = t[:rank] if rank else t
             else:
-                t = torch.zeros(shape, dtype=torch.float32)
+                t = torch.zeros((shape[0], rank or shape[1]), dtype=torch.float32)
             out[k] = t.numpy()
         for k, shape in self.head_shapes(num_labels).items():
             if k.endswith("bias"):
@@ -365,15 +408,22 @@ class LoraRuntime:
         return out
 
     def load_adapter(self, state: Mapping[str, np.ndarray], seed: int, cohort: str, num_labels: int) -> None:
-        """Put a cohort's adapter (wire keys) into the shared model; frozen A is rebuilt from the seed."""
+        """Put a cohort's adapter (wire keys) into the shared model; frozen A is rebuilt from the seed
+        (at a lower-rank site: its first ``self.rank`` rows). The trained arrays must be at this
+        site's rank (a lower-rank site cuts the cohort's with ``lora_math.truncate_rank`` first,
+        ``fedlora.client.trainer.load_global``); another shape is a ``ModelError``."""
         head = self._head(cohort, num_labels)
         self.task.set_head(self.model, head)
-        fixed = self.initial_adapter(seed, cohort, num_labels, include_frozen=True) if self.spec.lora_mode != "standard" else {}
+        fixed = (self.initial_adapter(seed, cohort, num_labels, include_frozen=True, rank=self.rank)
+                 if self.spec.lora_mode != "standard" else {})
         with torch.no_grad():
             for k, p in self.lora_params.items():
                 frozen = self._frozen(k)
-                src = fixed[k] if frozen else state[k]
-                p.copy_(torch.from_numpy(np.asarray(src, dtype=np.float32)))
+                src = np.asarray(fixed[k] if frozen else state[k], dtype=np.float32)
+                if src.shape != tuple(p.shape):
+                    raise ModelError(f"adapter array {k} has shape {src.shape}, this site's LoRA rank {self.rank} needs "
+                                     f"{tuple(p.shape)} (cut a cohort adapter to the site's rank first)")
+                p.copy_(torch.from_numpy(src))
                 p.requires_grad_(not frozen)
             for n, p in ([] if head is None else head.named_parameters()):
                 p.copy_(torch.from_numpy(np.asarray(state[f"{self.head_attr}.{n}"], dtype=np.float32)))
@@ -388,7 +438,8 @@ class LoraRuntime:
         return getattr(self.model, self.head_attr) if self.head_attr else None
 
     def export_adapter(self, *, include_frozen: bool = False) -> dict[str, np.ndarray]:
-        """The current adapter as float32 numpy arrays (wire keys; frozen A only if asked)."""
+        """The current adapter as float32 numpy arrays (wire keys; frozen A only if asked), at this
+        site's rank (``self.rank``; ``fedlora.client.trainer.adapter_delta`` pads the update to the cohort's)."""
         keys = list(self.lora_params) if include_frozen else self.sent_keys()
         out = {k: self.lora_params[k].detach().float().cpu().numpy().copy() for k in keys}
         head = self._current_head

@@ -100,8 +100,8 @@ class PrivacyConfig:
 @dataclass(frozen=True)
 class SecureAggregationConfig:
     """Secure aggregation (SecAgg+; ``fedlora.privacy.secagg``): the coordinator sees only each
-    cohort's sum. Each site sends ``w (update, 1, train loss / 64)`` with ``w = min(1, n /
-    weight_scale)`` for its n training examples, quantised to ``bits`` bits in ``[-clip_range,
+    cohort's sum. Each site sends ``w (update, 1, train loss / 64)`` with ``w = min(n,
+    federation.weight_cap) / federation.weight_cap`` for its n training examples, quantised to ``bits`` bits in ``[-clip_range,
     clip_range]`` (``clip_range >= 1``: ``w`` and the loss term need ``[0, 1]``); the
     coordinator divides the unmasked sums and checks that honest sites can produce them. Eval
     metrics are summed exactly as integers (``metrics = "secure"``), sent per site
@@ -123,7 +123,6 @@ class SecureAggregationConfig:
     threshold: int = 0  # t; 0: ceil(2 (k + 1) / 3)
     clip_range: float = 1.0
     bits: int = 20
-    weight_scale: float = 1000.0
     min_sites: int = 3  # smaller cohorts are skipped (or, with allow_clear, aggregated in the clear)
     allow_clear: bool = False  # a cohort below min_sites aggregates in the clear (loud warning) instead of being skipped
     metrics: str = "secure"  # secure | clear | none: how the sites' eval metrics reach the coordinator
@@ -136,7 +135,7 @@ class SecureAggregationConfig:
             v = getattr(self, key)
             require(isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi, f"secure_aggregation.{key}", v,
                     f"must be an integer in [{lo}, {hi}]")
-        for key in ("clip_range", "weight_scale", "stage_timeout"):
+        for key in ("clip_range", "stage_timeout"):
             v = getattr(self, key)
             require(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"secure_aggregation.{key}", v, "must be > 0")
         require(self.clip_range >= 1, "secure_aggregation.clip_range", self.clip_range,

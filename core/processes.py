@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -43,6 +44,30 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
     this venv's bin first (Flower starts its helpers by name), no hub access."""
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
             "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour and cursor codes (what Flower's console logger adds), for log files."""
+    return _TERMINAL_CODES.sub("", text)
+
+
+def log_pipe(path: Path) -> int:
+    """The write end of a pipe whose lines a thread appends to ``path`` without terminal codes
+    (``plain``): a child's stdout (and its children's, which inherit it) for a log file. The
+    caller closes its copy of the write end once the child has it; the thread ends at EOF."""
+    read_end, write_end = os.pipe()
+
+    def copy() -> None:
+        with open(read_end, encoding="utf-8", errors="replace") as src, path.open("a", encoding="utf-8") as dst:
+            for line in src:
+                dst.write(plain(line))
+                dst.flush()
+
+    threading.Thread(target=copy, name=f"log {path.name}", daemon=True).start()
+    return write_end
 
 
 def _die_with_parent(parent: int) -> None:  # runs in the child between fork and exec

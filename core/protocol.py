@@ -194,6 +194,19 @@ class SiteInfo(Part):
 
 # ---- train / evaluate requests --------------------------------------------------------
 @dataclass(frozen=True)
+class AdapterRef(Part):
+    """Which global adapter a ``train`` / ``evaluate`` message is about (record ``adapter_ref``):
+    ``records.adapter_digest`` of its ``adapter`` record. The coordinator leaves the adapter
+    itself out when the site already holds it (it acknowledged a message with the same digest);
+    a site uses only an adapter whose bytes hash to this digest, received now or kept from
+    before (``fedlora.client.adapter_cache``), and answers ``ADAPTER_NOT_HELD_CODE`` when it has
+    none, so the coordinator sends it in full."""
+
+    record: ClassVar[str] = "adapter_ref"
+    digest: str = _key("digest")
+
+
+@dataclass(frozen=True)
 class RoundPlan(Part):
     """The public round plan (shared by every site of a cohort). ``seed`` is the run's public
     seed: it fixes the initial adapter and the data split, never a DP secret."""
@@ -215,10 +228,13 @@ class RoundPlan(Part):
     eval_every: int = _key("train.eval_every", default=1)
     momentum: float = _key("train.momentum", default=0.0)
     max_local_steps: int = _key("train.max_local_steps", default=0)
+    proximal_mu: float = _key("train.proximal_mu", default=0.0)  # FedProx's mu (the strategy's ``site_options``); 0: none
 
     def problem(self) -> str:
         if not 0 <= self.momentum < 1:
             return f"momentum = {self.momentum} must be in [0, 1)"
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            return f"proximal_mu = {self.proximal_mu} must be finite and >= 0"
         if self.max_local_steps < 0:
             return f"max_local_steps = {self.max_local_steps} is below 0"
         for name in ("round", "rounds", "local_steps", "batch_size", "eval_every"):
@@ -488,9 +504,9 @@ def arrays(content_: RecordDict, name: str, message: str) -> ArrayRecord:
 # what the README's "what the coordinator sees" table is checked against.
 MESSAGES: dict[str, dict[str, tuple[type, ...]]] = {
     "query": {"request": (HelloAsk, CohortsOffer), "reply": (SiteInfo,)},
-    "train": {"request": (RoundPlan, PrivacyAsk, ClientDpAsk, SecAggSetup),
+    "train": {"request": (RoundPlan, PrivacyAsk, ClientDpAsk, SecAggSetup, AdapterRef),
               "reply": (TrainMetrics, SecAggKeys, PrivacyStatus)},
-    "evaluate": {"request": (RoundPlan, PrivacyAsk, SecAggSetup), "reply": (EvalMetrics, EvalKept, SecAggKeys, PrivacyStatus)},
+    "evaluate": {"request": (RoundPlan, PrivacyAsk, SecAggSetup, AdapterRef), "reply": (EvalMetrics, EvalKept, SecAggKeys, PrivacyStatus)},
     "secagg_share": {"request": (ShareAsk,), "reply": (ShareReply,)},
     "secagg_masked": {"request": (MaskedAsk,), "reply": ()},
     "secagg_unmask": {"request": (UnmaskAsk,), "reply": (UnmaskReply,)},

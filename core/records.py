@@ -6,6 +6,8 @@ Arrays use ``stype = "fedlora.raw"``: ``data`` holds exactly the encoded values 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,6 +24,18 @@ def to_record(state: Mapping[str, np.ndarray], dtype: str) -> tuple[ArrayRecord,
     wire = encode_state(state, dtype)
     record = ArrayRecord({k: Array(dtype=w.dtype, shape=tuple(w.shape), stype=STYPE, data=w.data) for k, w in wire.items()})
     return record, payload_bytes(wire)
+
+
+def adapter_digest(record: ArrayRecord) -> str:
+    """SHA-256 (hex) of an adapter record as it travels: every array's name, dtype, shape,
+    serialisation and bytes, in name order. Two records with the same digest decode to the same
+    adapter (``protocol.AdapterRef``)."""
+    h = hashlib.sha256(b"fedlora-adapter/v1\0")
+    for key in sorted(record.keys()):
+        a = record[key]
+        h.update(json.dumps([key, a.dtype, list(a.shape), a.stype, len(a.data)]).encode() + b"\0")
+        h.update(a.data)
+    return h.hexdigest()
 
 
 def from_record(record: ArrayRecord, expected: Mapping[str, tuple[int, ...]] | None = None) -> tuple[dict[str, np.ndarray], int]:

@@ -2,9 +2,10 @@
 
 **Train.** FedAvg needs ``sum_k n_k delta_k / sum_k n_k``; under secure aggregation the weights
 must not travel in the clear, so each site applies its weight before masking: it sends the
-floats ``w delta, w, w min(loss, L) / L`` with ``w = min(1, n / weight_scale)`` (a public scale
-keeps ``w`` in [0, 1] and the public loss cap ``L = LOSS_SCALE`` keeps the loss term in [0, 1],
-so the quantiser's clip range holds for both), and the integers ``(values clipped, 1,
+floats ``w delta, w, w min(loss, L) / L`` with ``w = min(n, cap) / cap`` (``site_weight``: the
+strategies' weight under the public ``federation.weight_cap``, as in the clear) in [0, 1], and the
+public loss cap ``L = LOSS_SCALE`` keeps the loss term in [0, 1] (so the quantiser's clip range
+holds for both), and the integers ``(values clipped, 1,
 unclipped)`` where ``unclipped`` is client-level DP's bit ``1[||u|| <= C]`` (0 without it).
 The coordinator unmasks the sums and divides: the weighted mean update and mean train loss,
 the number of clipped values, the number of sites in the sum and the number of unclipped
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedlora.errors import FedloraError
+
+from fedlora.strategies.base import site_weight  # the one definition of a site's weight (the same in the clear)
 
 from .quantization import Quantizer
 
@@ -47,10 +50,6 @@ def train_length(shapes: Mapping[str, tuple[int, ...]]) -> int:
 def eval_length(buckets: int) -> int:
     """Entries of a site's eval vector: loss, correct, examples and ``buckets`` counts."""
     return 3 + buckets
-
-
-def site_weight(examples: int, weight_scale: float) -> float:
-    return min(1.0, examples / weight_scale)
 
 
 def float_part(delta: Mapping[str, np.ndarray], weight: float, loss: float) -> np.ndarray:

@@ -19,7 +19,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora.config import RunConfig, apply_overrides, config_from_dict, load_config
+from fedlora.config import DEMO_LABELS, RunConfig, apply_overrides, config_from_dict, load_config
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.tasks import get_task
 
@@ -51,14 +51,12 @@ def make_server_app(cfg: RunConfig, run_dir: RunDir, labels: dict[str, list[str]
 
 def deployment_labels(cfg: RunConfig) -> dict[str, list[str]]:
     """Each cohort's label list from the config alone (the coordinator never sees the data)."""
-    from fedlora.simulation.demo_data import LABELS  # the demo cohorts' labels
-
     out = {}
     for c in cfg.cohorts:
         if c.labels:
             out[c.name] = list(c.labels)
-        elif c.name in LABELS and not c.data:
-            out[c.name] = list(LABELS[c.name])
+        elif c.name in DEMO_LABELS and not c.data:
+            out[c.name] = list(DEMO_LABELS[c.name])
         elif not get_task(cfg.task.kind).labels_required:
             out[c.name] = []  # instruction data without classes; label-answer sites then refuse, naming the missing list
         else:

@@ -44,7 +44,7 @@ key it already has.
 
 Private keys are refused at use when their group or others can read them (``fedlora.keyfiles``):
 ``ca.key`` when ``fedlora certs`` reads it back, ``server.key`` in ``check_server_certs``, a
-site's key in ``check_site_key``.
+site's key in ``fedlora.keyfiles.check_site_key``.
 """
 
 from __future__ import annotations
@@ -538,26 +538,3 @@ def check_server_certs(certs: Path) -> dict[str, Path]:
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise ConfigError("--certs", str(files["cert"]), f"is not valid now (valid {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d})")
     return files
-
-
-def check_site_key(path: Path) -> None:
-    """A site's private key as Flower's SuperNode reads it (OpenSSH, elliptic curve), refused
-    (``DeploymentError``) when its group or others can read it."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ConfigError("--key", str(path), f"is not a readable OpenSSH private key (made by fedlora keygen): {e}") from None
-    check_private_key_file(path, "this site's private key (--key)")
-    try:
-        key = serialization.load_ssh_private_key(data, None)
-    except ValueError as e:
-        raise ConfigError("--key", str(path), f"is not a readable OpenSSH private key (made by fedlora keygen): {e}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError("--key", str(path), "must be an elliptic-curve key (fedlora certs makes P-256 keys)")
-
-
-def check_root_cert(path: Path) -> None:
-    try:
-        x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise ConfigError("--root-cert", str(path), f"is not a readable PEM certificate: {e}") from None

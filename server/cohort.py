@@ -33,6 +33,7 @@ class Cohort:
     selected: list[int] = field(default_factory=list)  # nodes sampled for the current round
     exhausted: set[str] = field(default_factory=set)  # sites that refused a round: their budget is spent
     secure: bool = False  # aggregated with secure aggregation (enough sites and enabled)
+    strategy_state: dict[str, np.ndarray] = field(default_factory=dict)  # the strategy's per-cohort arrays (server moments)
 
 
 @dataclass

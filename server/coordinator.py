@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -37,24 +38,26 @@ from fedlora.config import RunConfig
 from fedlora.errors import (BUDGET_EXHAUSTED_CODE, DATA_MISMATCH_CODE, POLICY_REFUSED_CODE, UNKNOWN_COHORT_CODE, FederationError,
                             FedloraError)
 from fedlora.model import ModelSpec, derive_seed, get_runtime
-from fedlora.protocol import (ClientDpAsk, CohortsOffer, HelloAsk, PrivacyAsk, RoundPlan, SecAggKeys, SiteInfo, TrainMetrics, arrays, read, read_event,
+from fedlora.protocol import (AdapterRef, ClientDpAsk, CohortsOffer, HelloAsk, PrivacyAsk, RoundPlan, SecAggKeys, SiteInfo, TrainMetrics, arrays, read, read_event,
                               record_of)
-from fedlora.records import content_bytes, from_record, to_record
+from fedlora.records import adapter_digest, content_bytes, from_record, to_record
 from fedlora.privacy.events import ClientDpEvent, DpSgdEvent, EvalNoiseEvent, event_from_dict
 from fedlora.privacy import key_signing
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.secagg import SecAggAbort
 from fedlora.privacy.secagg_vector import read_sum, train_length
-from fedlora.strategies import SiteUpdate, get_strategy
+from fedlora.strategies import SiteUpdate
 from fedlora.tasks import get_task
 
-from .checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
+from .aggregation import Aggregation, Release
+from .checkpoint import Checkpoint
 from .cohort import Cohort, RoundReplies, failed_entry, train_metrics_problem, weighted
 from .exchange import send_and_receive
 from .evaluation import NO_METRICS, clear_metrics, secure_metrics
 from .client_dp import ClientLevelDp
 from .rundir import RunDir
 from .advice import with_warnings
+from .run_state import RunState
 from .run_summary import all_skipped_message, cohort_summary, partition_summary, privacy_summary
 from .secure_round import SecureAggregation, advertised_keys, too_small
 from .secure_round import validate as validate_secure_aggregation
@@ -63,6 +66,36 @@ log = logging.getLogger("fedlora.server")
 # what the coordinator says of a site that refused to join (only the code comes from the site's data)
 _JOIN_REFUSALS = {DATA_MISMATCH_CODE: "its data does not fit its cohort's labels; it stopped at its side (details in its own log)",
                   UNKNOWN_COHORT_CODE: "its cohort (--domain) is not one of this run's; it was told so and stopped"}
+
+
+def node_roster(grid: Grid) -> Mapping[int, tuple[str, str]] | None:
+    """Node id -> (site name, cohort) where the engine names its nodes itself, else None (the sites
+    are asked, ``query``). Only the in-process engine's lazy population has one (``LocalGrid.roster``):
+    the harness made and numbered every virtual site, as a SuperLink with SuperNode authentication
+    names each node by its registered key, so a site's name comes from the engine, never from the
+    site; each still proves it to its peers by signing its secure-aggregation keys with its certificate.
+    Looks through grids that wrap another (``inner``)."""
+    while grid is not None:
+        roster = getattr(grid, "roster", None)
+        if roster is not None:
+            return roster
+        grid = getattr(grid, "inner", None)
+    return None
+
+
+def _by_site(sent: list[Message], replies: list[Message]) -> dict[int, Message]:
+    """Replies keyed by the node each answers for: the destination of the message it replies to
+    (an error the SuperLink writes in a node's place, "Node Unavailable", comes from the
+    SuperLink's own node id), else its sender."""
+    to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    return {to.get(r.metadata.reply_to_message_id or "", r.metadata.src_node_id): r for r in replies}
+
+
+def _some(names: list[str], shown: int = 12) -> str:
+    """Names for a log line: all of a few, the first ``shown`` and how many of a large population."""
+    if not names:
+        return "none"
+    return ", ".join(names) if len(names) <= shown else f"{', '.join(names[:shown])}, ... ({len(names)} sites)"
 
 
 class Coordinator:
@@ -76,18 +109,18 @@ class Coordinator:
         self.ca_pem = ca_pem  # the federation CA (public): with it, a site is named by its certificate, never by what it says
         self.spec = ModelSpec.from_config(cfg)
         self.task = get_task(cfg.task.kind)  # what the cohorts' metrics mean (``fedlora.tasks``)
-        self.strategy = get_strategy(cfg.federation.strategy)
-        self.cohorts = {c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts}
+        self.strategy = cfg.federation.build_strategy()
+        # everything carried across rounds (checkpointed): cohorts, counters, RNG (site sampling, client-level noise), ledger
+        self.state = RunState({c.name: Cohort(c.name, list(labels[c.name])) for c in cfg.cohorts},
+                              np.random.default_rng(derive_seed(cfg.seed, "coordinator")))
+        self.cohorts, self.rng = self.state.cohorts, self.state.rng  # the same objects, for short names
+        self.aggregation = Aggregation(self.strategy, cfg.federation.weight_cap)  # client-level DP joins once sizes are known
         self.expected_sites, self.wait_timeout, self.round_timeout = expected_sites, wait_timeout, round_timeout
-        self.bytes_up = 0  # content bytes of every reply received (discovery included)
-        self.bytes_down = 0  # content bytes of every message sent
-        self.ledger = PrivacyLedger()
-        self.rng = np.random.default_rng(derive_seed(cfg.seed, "coordinator"))  # site sampling, client-level noise
-        self.client_dp: ClientLevelDp | None = None  # set once the cohorts' sizes are known
-        self.secagg = SecureAggregation(cfg.secure_aggregation, cfg.seed) if cfg.secure_aggregation.enabled else None
+        self.secagg = (SecureAggregation(cfg.secure_aggregation, cfg.seed, cfg.federation.weight_cap)
+                       if cfg.secure_aggregation.enabled else None)
         self.skipped: dict[str, str] = {}  # cohort -> why it is skipped for the run (fail closed: too few sites for SecAgg)
         self.seen: set[int] = set()  # every node asked who it is (discovery, _rejoin): each is asked once
-        self.trained: set[str] = set()  # the sites whose update went into an aggregate (summary.json "sites")
+        self.adapters = self.state.adapters  # no adapter sent to a site that holds it
 
     # ---- messaging -------------------------------------------------------------------
     def _exchange(self, grid: Grid, messages: list[Message], timeout: float | None = None) -> dict[int, Message]:
@@ -97,10 +130,16 @@ class Coordinator:
         online = set(grid.get_node_ids())
         gone = [m for m in messages if m.metadata.dst_node_id not in online]
         messages = [m for m in messages if m.metadata.dst_node_id in online]
-        self.bytes_down += sum(content_bytes(m.content) for m in messages)
-        replies = send_and_receive(grid, messages, timeout=self.round_timeout if timeout is None else timeout)
-        out = {r.metadata.src_node_id: r for r in replies}
-        self.bytes_up += sum(content_bytes(r.content) for r in out.values() if not r.has_error())
+        timeout = self.round_timeout if timeout is None else timeout
+        self.state.bytes_down += sum(content_bytes(m.content) for m in messages)
+        out = _by_site(messages, send_and_receive(grid, messages, timeout=timeout))
+        again = self.adapters.resend(messages, out)  # sites that no longer hold the adapter a message named: in full
+        if again:
+            log.info("%d site(s) did not hold the adapter named by digest; sent it in full", len(again))
+            self.state.bytes_down += sum(content_bytes(m.content) for m in again)
+            out.update(_by_site(again, send_and_receive(grid, again, timeout=timeout)))
+        self.adapters.acknowledge(messages + again, out)
+        self.state.bytes_up += sum(content_bytes(r.content) for r in out.values() if not r.has_error())
         for m in gone:
             log.warning("node %s is offline; left out of %s", m.metadata.dst_node_id, m.metadata.message_type)
         for m in messages:
@@ -171,8 +210,14 @@ class Coordinator:
         nodes = self._wait_for_nodes(grid)
         log.info("%s", self._connected(nodes))
         self.seen |= set(nodes)
-        challenges = {node: os.urandom(32) for node in nodes}
-        replies = self._exchange(grid, [self._hello(node, challenges[node]) for node in nodes])
+        roster = node_roster(grid)
+        if roster is not None:  # a lazy simulated population: the engine names its nodes, nobody is asked (``node_roster``)
+            for node in nodes:
+                name, cohort = roster[node]
+                if cohort in self.cohorts:
+                    self.cohorts[cohort].nodes[node] = name
+        challenges = {} if roster is not None else {node: os.urandom(32) for node in nodes}
+        replies = self._exchange(grid, [self._hello(node, challenges[node]) for node in challenges])
         refused: dict[str, str] = {}
         for node, reply in sorted(replies.items()):
             if reply.has_error():
@@ -195,7 +240,7 @@ class Coordinator:
                 log.warning("node %s calls itself %s, a name another site already holds; refused", node, name)
                 continue
             self.cohorts[cohort].nodes[node] = name
-        joined = "; ".join(f"{c.name}: {', '.join(sorted(c.nodes.values())) or 'none'}" for c in self.cohorts.values())
+        joined = "; ".join(f"{c.name}: {_some(sorted(c.nodes.values()))}" for c in self.cohorts.values())
         log.info("joined: %s%s", joined, f"; did not join: {', '.join(sorted(refused))}" if refused else "")
         empty = [c for c, co in self.cohorts.items() if not co.nodes]
         if empty:
@@ -242,19 +287,24 @@ class Coordinator:
                          wire_dtype=self.cfg.federation.wire_dtype, local_steps=t.local_steps, local_epochs=float(t.local_epochs),
                          batch_size=t.batch_size, optimizer=t.optimizer, learning_rate=float(t.learning_rate),
                          weight_decay=float(t.weight_decay), max_grad_norm=float(t.max_grad_norm), eval_fraction=float(t.eval_fraction),
-                         rounds=t.rounds, eval_every=t.eval_every, momentum=float(t.momentum), max_local_steps=t.max_local_steps)
+                         rounds=t.rounds, eval_every=t.eval_every, momentum=float(t.momentum), max_local_steps=t.max_local_steps,
+                         proximal_mu=float(self.strategy.site_options().get("proximal_mu", 0.0)))
         ask = PrivacyAsk(dp=p.dp, epsilon=float(p.epsilon), delta=float(p.delta), max_grad_norm=float(p.max_grad_norm),
                          noise_multiplier=float(p.noise_multiplier), accountant=p.accountant, grad_sample_mode=p.grad_sample_mode,
                          eval_metrics=p.eval_metrics)
         config = record_of(plan, ask, *([extra] if extra is not None else []))
         config.update(self.spec.to_flat())
         record, _ = to_record(cohort.state, self.cfg.federation.wire_dtype)
-        return RecordDict({"adapter": record, "config": config})
+        digest = adapter_digest(record)
+        self.adapters.remember(digest, record)
+        return RecordDict({"adapter": record, "config": config, AdapterRef.record: record_of(AdapterRef(digest=digest))})
 
-    def _sample(self, cohort: Cohort) -> list[int]:
-        """Poisson sampling of a cohort's sites: each independently with ``federation.site_sample_rate``."""
+    def _sample(self, cohort: Cohort, q: float | None = None) -> list[int]:
+        """Poisson sampling of a cohort's sites (in name order): each independently with probability
+        ``q`` (default ``federation.site_sample_rate``), drawn from the coordinator's RNG (checkpointed:
+        a resumed run draws what the uninterrupted one drew); q = 1 draws nothing."""
         nodes = sorted(cohort.nodes, key=lambda n: cohort.nodes[n])
-        q = self.cfg.federation.site_sample_rate
+        q = self.cfg.federation.site_sample_rate if q is None else q
         if q >= 1:
             return nodes
         keep = self.rng.random(len(nodes)) < q
@@ -265,31 +315,36 @@ class Coordinator:
         return cohort.secure and self.cfg.secure_aggregation.metrics == "secure"
 
     def _broadcast(self, kind: str, round_: int) -> list[Message]:
-        """One message per site; ``train`` goes only to the sampled sites of cohorts still training;
-        ``evaluate`` skips secure cohorts whose metrics are not to be sent. A cohort skipped for
-        the run (``skipped``) is sent nothing."""
+        """One message per site; ``train`` goes only to the sampled sites of cohorts still training,
+        ``evaluate`` to a sample of its own (``federation.eval_sample_rate``; 1: every site), and
+        skips secure cohorts whose metrics are not to be sent. Under secure aggregation the sampled
+        sites are the sum's group; a sample below its minimum sits the sum out (``SecureAggregation.setup``).
+        A cohort skipped for the run (``skipped``) is sent nothing."""
         messages = []
+        self.adapters.records.clear()  # only this exchange's adapters may need resending
         for cohort in (c for c in self.cohorts.values() if c.name not in self.skipped and (c.active or kind != "train")):
             nodes = list(cohort.nodes)
             extra, secure = None, None
             if kind == "train":
                 nodes = cohort.selected = self._sample(cohort)
-                if self.client_dp is not None:
-                    extra = ClientDpAsk.read(self.client_dp.site_config(cohort.name, max(1, len(nodes))), "train")
+                if self.state.client_dp is not None:
+                    extra = ClientDpAsk.read(self.state.client_dp.site_config(cohort.name, max(1, len(nodes))), "train")
                 if cohort.secure and self.secagg is not None and nodes:
                     secure = self.secagg.setup(cohort.name, nodes, round_, kind)
                     if secure is None:
                         nodes = cohort.selected = []
             elif cohort.secure and self.cfg.secure_aggregation.metrics == "none":
                 continue
-            elif self._secure_metrics(cohort) and self.secagg is not None:
+            elif self.cfg.federation.eval_sample_rate < 1:
+                nodes = self._sample(cohort, self.cfg.federation.eval_sample_rate)
+            if kind != "train" and self._secure_metrics(cohort) and self.secagg is not None:
                 secure = self.secagg.setup(cohort.name, nodes, round_, kind)
                 if secure is None:
                     continue
             content = self._content(cohort, round_, extra)
             for node in nodes:  # a site's own secure-aggregation setup beside the shared records
                 own = content if secure is None else RecordDict({**content, "secagg": ConfigRecord(secure[node])})
-                messages.append(Message(own, node, kind, group_id=str(round_)))
+                messages.append(Message(self.adapters.content_for(node, own), node, kind, group_id=str(round_)))
         return messages
 
     # ---- one round -------------------------------------------------------------------
@@ -326,7 +381,7 @@ class Coordinator:
                     problem = train_metrics_problem(m)
                     if problem:
                         raise FedloraError(problem)
-                    unclipped = int(m.update_unclipped or 0) if self.client_dp is not None else 0
+                    unclipped = int(m.update_unclipped or 0) if self.state.client_dp is not None else 0
                 attested = self._attest(cohort, site, reply, round_, "train")
             except (FedloraError, KeyError, ValueError) as e:
                 log.warning("round %d: rejected the update of site %s: %s", round_, site, e)
@@ -365,25 +420,25 @@ class Coordinator:
                                f"expected round {round_}, cohort {cohort.name!r}, site {site!r} (forged or replayed event refused)")
         if not 0 < status.delta < 1 or not status.budget_epsilon > 0:
             raise FedloraError(f"it attests delta {status.delta} and budget {status.budget_epsilon}")
-        trial = PrivacyLedger([*self.ledger.unit_events(site), event])
+        trial = PrivacyLedger([*self.state.ledger.unit_events(site), event])
         spent = trial.spent(site, status.delta, event.accountant)
         if spent > status.budget_epsilon * (1 + 1e-6) + 1e-9:
             raise FedloraError(f"its privacy events add up to epsilon {spent:.4g}, above the budget {status.budget_epsilon:g} it states "
                                "(event refused)")
-        self.ledger.record(event)
-        self.ledger.declare(site, delta=status.delta, delta_rule=status.delta_rule, budget_epsilon=status.budget_epsilon,
+        self.state.ledger.record(event)
+        self.state.ledger.declare(site, delta=status.delta, delta_rule=status.delta_rule, budget_epsilon=status.budget_epsilon,
                             unit="one record at one site", attested_by="site", noise=status.noise, public_size=status.public_size,
                             eval_metrics=status.eval_metrics)
         return True
 
     def _train_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
-        before = self.bytes_up, self.bytes_down
+        before = self.state.bytes_up, self.state.bytes_down
         self._rejoin(grid, round_)  # a site that restarted (a new node id) trains again from this round
         replies = self._exchange(grid, self._broadcast("train", round_))
         for cohort in (c for c in self.cohorts.values() if c.active):
             got = self._collect(cohort, replies, round_)
             if not cohort.secure:  # every accepted clear update goes into the aggregate
-                self.trained.update(u.site for u in got.updates)
+                self.state.trained.update(u.site for u in got.updates)
             entry = line["cohorts"].setdefault(cohort.name, {})
             entry.update({"sites_refused_budget": got.refused, "sites_selected": len(cohort.selected), "sites_trained": len(got.updates),
                           "sites_failed": got.failed, "site_train_seconds": float(np.sum(got.seconds)) if got.seconds else None})
@@ -393,16 +448,9 @@ class Coordinator:
                 entry["sites_failed_reasons"] = dict(got.reasons)
             if cohort.secure:
                 self._secure_aggregate(grid, cohort, got, round_, entry)
-            elif self.client_dp is not None and (got.updates or not cohort.selected):
-                # the noised mean is released even when Poisson sampling picked no site (noise only)
-                shapes = {k: v.shape for k, v in cohort.state.items()}
-                mean, event, info = self.client_dp.aggregate(round_, cohort.name, shapes, [u.delta for u in got.updates], got.unclipped,
-                                                             len(cohort.selected), self.rng, self.cfg.privacy.accountant)
-                self._record_client_event(cohort, event)
-                cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="client-dp-mean", delta=mean, weight=1.0)])
-                entry.update({"train_loss": weighted(got.losses), **info})
-            elif got.updates:
-                cohort.state = self.strategy.aggregate(cohort.state, got.updates)
+            elif got.updates or (self.state.client_dp is not None and not cohort.selected):
+                # with client-level DP the noised mean is released even when Poisson sampling picked no site (noise only)
+                self._step(cohort, round_, self.aggregation.from_updates(cohort, round_, got.updates, got.unclipped, self.rng), entry)
                 entry["train_loss"] = weighted(got.losses)
             elif got.failed:
                 raise FederationError(f"round {round_}: every site of cohort {cohort.name!r} failed "
@@ -411,15 +459,15 @@ class Coordinator:
                 log.warning("round %d: every site of cohort %r has spent its privacy budget; the cohort stops training", round_, cohort.name)
                 cohort.active = False
             # else: no site sampled, or the sampled ones refused while others still have budget
-        line["bytes_up"], line["bytes_down"] = self.bytes_up - before[0], self.bytes_down - before[1]
+        line["bytes_up"], line["bytes_down"] = self.state.bytes_up - before[0], self.state.bytes_down - before[1]
 
     def _record_client_event(self, cohort: Cohort, event: ClientDpEvent) -> None:
         """A cohort's client-level DP release, with the delta and sampling it is accounted under."""
-        assert self.client_dp is not None
-        self.ledger.record(event)
-        delta, rule = self.client_dp.delta(cohort.name)
-        self.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
-                            sites=len(cohort.nodes), sampling=self.client_dp.sampling, adjacency="zero-out")
+        assert self.state.client_dp is not None
+        self.state.ledger.record(event)
+        delta, rule = self.state.client_dp.delta(cohort.name)
+        self.state.ledger.declare(f"cohort:{cohort.name}", delta=delta, delta_rule=rule, unit="one whole site",
+                            sites=len(cohort.nodes), sampling=self.state.client_dp.sampling, adjacency="zero-out")
 
     def _secure_aggregate(self, grid: Grid, cohort: Cohort, got: RoundReplies, round_: int, entry: dict[str, Any]) -> None:
         """Stages 2-4 of secure aggregation for a cohort whose sites advertised keys; the
@@ -435,45 +483,57 @@ class Coordinator:
             total, survivors, q = self.secagg.secure_sum(self._stage_exchange(grid), cohort.name, round_, got.advertised,
                                                          length=train_length(shapes), failed=failed)
             agg = read_sum(total, shapes, q, survivors=len(survivors))  # checks the sum's structure (ForgedSum)
-            mean, event, info = agg.mean_delta, None, {}
-            if self.client_dp is not None:
-                summed = {k: v * np.float32(agg.weight) for k, v in mean.items()}
-                mean, event, info = self.client_dp.release_sum(round_, cohort.name, summed, agg.sites, len(cohort.selected), agg.unclipped,
-                                                               self.rng, self.cfg.privacy.accountant)
+            release = self.aggregation.from_secure_sum(cohort, round_, agg, self.rng)
         except (SecAggAbort, ValueError) as e:
             log.warning("round %d: secure aggregation of cohort %r aborted: %s", round_, cohort.name, e)
             entry["secure_aggregation_aborted"] = str(e)
             entry.update(failed_entry(cohort, got, failed))
             return
         entry.update(failed_entry(cohort, got, {u: "dropped out" for u in set(got.advertised) - set(survivors)} | failed))
-        self.trained.update(cohort.nodes[u] for u in survivors if u in cohort.nodes)
+        self.state.trained.update(cohort.nodes[u] for u in survivors if u in cohort.nodes)
         entry.update({"sites_trained": agg.sites, "values_clipped": agg.clipped,
-                      "train_loss": None if got.private else agg.mean_loss, "site_train_seconds": None, **info})
-        if event is not None:
-            self._record_client_event(cohort, event)
-        cohort.state = self.strategy.aggregate(cohort.state, [SiteUpdate(site="secure-sum", delta=mean, weight=1.0)])
+                      "train_loss": None if got.private else agg.mean_loss, "site_train_seconds": None})
+        self._step(cohort, round_, release, entry)
+
+    def _step(self, cohort: Cohort, round_: int, release: Release, entry: dict[str, Any]) -> None:
+        """The strategy's step on a cohort's release; its client-level DP event goes into the ledger."""
+        if release.event is not None:
+            self._record_client_event(cohort, release.event)
+        entry.update(release.info)
+        self.aggregation.step(cohort, round_, release)
 
     def _stage_exchange(self, grid: Grid):
         """How a secure-aggregation stage talks to the sites: the stage timeout bounds each wait."""
         return lambda msgs: self._exchange(grid, msgs, timeout=self.cfg.secure_aggregation.stage_timeout)
 
     def _evaluate_round(self, grid: Grid, round_: int, line: dict[str, Any]) -> None:
-        before = self.bytes_up, self.bytes_down
-        replies = self._exchange(grid, self._broadcast("evaluate", round_))
+        before = self.state.bytes_up, self.state.bytes_down
+        messages = self._broadcast("evaluate", round_)
+        asked = {m.metadata.dst_node_id for m in messages}
+        replies = self._exchange(grid, messages)
+        failed: dict[str, dict[str, str]] = {c: {} for c in self.cohorts}  # cohort -> site -> why its evaluation is missing
         for cohort in self.cohorts.values():
             for node, site in cohort.nodes.items():
                 reply = replies.get(node)
                 if reply is None or reply.has_error():
+                    if node in asked:
+                        failed[cohort.name][site] = "no reply" if reply is None else f"error reply: {reply.error.reason}"
                     continue
                 try:
                     self._attest(cohort, site, reply, round_, "evaluate")
                 except (FedloraError, KeyError, ValueError) as e:
                     log.warning("round %d: rejected the eval metrics of site %s: %s", round_, site, e)
+                    failed[cohort.name][site] = f"rejected: {e}"
                     del replies[node]
         for cohort in self.cohorts.values():
             entry = line["cohorts"].setdefault(cohort.name, {})
+            if self.cfg.federation.eval_sample_rate < 1 and cohort.name not in self.skipped:
+                entry["eval_sites_selected"] = len(asked & cohort.nodes.keys())
             if cohort.secure and self.cfg.secure_aggregation.metrics == "none":
                 metrics = dict(NO_METRICS)
+            elif (self._secure_metrics(cohort) and self.secagg is not None
+                  and self.secagg.round_id(cohort.name, round_, "evaluate") in self.secagg.sat_out):
+                metrics = dict(NO_METRICS)  # too few sites sampled: the cohort sat this eval sum out (``eval_skipped``)
             elif self._secure_metrics(cohort):
                 assert self.secagg is not None
                 metrics = secure_metrics(self.secagg, self._stage_exchange(grid), cohort, replies, round_,
@@ -481,8 +541,11 @@ class Coordinator:
             else:
                 metrics = clear_metrics(cohort, replies, round_, self.task.count_buckets(cohort.labels))
             entry.update(self.task.report(metrics, cohort.labels))
-        line["bytes_up"] += self.bytes_up - before[0]
-        line["bytes_down"] += self.bytes_down - before[1]
+            if failed[cohort.name]:  # no reply, an error reply or a rejected event: named beside the metrics' own rejections
+                reasons = failed[cohort.name] | entry.get("eval_sites_failed_reasons", {})
+                entry["eval_sites_failed"], entry["eval_sites_failed_reasons"] = sorted(reasons), dict(sorted(reasons.items()))
+        line["bytes_up"] += self.state.bytes_up - before[0]
+        line["bytes_down"] += self.state.bytes_down - before[1]
 
     # ---- the run ---------------------------------------------------------------------
     def _name_skipped(self, line: dict[str, Any], round_: int) -> None:
@@ -501,7 +564,7 @@ class Coordinator:
 
     def run(self, grid: Grid) -> dict[str, Any]:
         start = time.perf_counter()
-        bytes_before = self.bytes_up
+        bytes_before = self.state.bytes_up
         self._discover(grid)
         sizes = {c.name: len(c.nodes) for c in self.cohorts.values()}
         validate_secure_aggregation(self.cfg.secure_aggregation, sizes)
@@ -522,22 +585,27 @@ class Coordinator:
                             len(cohort.nodes), self.cfg.secure_aggregation.min_sites)
         runtime = get_runtime(self.spec, self.cfg.model.device, self.cfg.model.dtype)
         if self.cfg.privacy.client_dp:
-            self.client_dp = ClientLevelDp(self.cfg.privacy, self.cfg.federation.site_sample_rate,
-                                           {c.name: len(c.nodes) for c in self.cohorts.values()})
+            self.state.client_dp = ClientLevelDp(self.cfg.privacy, self.cfg.federation.site_sample_rate,
+                                                 {c.name: len(c.nodes) for c in self.cohorts.values()})
+        self.aggregation.client_dp, self.aggregation.accountant = self.state.client_dp, self.cfg.privacy.accountant
         rounds = self.cfg.train.rounds
         if self.resume is not None:
-            discovery = self.bytes_up - bytes_before
-            done, initial, last = restore_checkpoint(self, self.resume)
-            self.bytes_up += discovery  # the new discovery's replies count too
+            discovery = self.state.bytes_up - bytes_before
+            for cohort in self.cohorts.values():
+                self.aggregation.init_state(cohort)  # replaced by the checkpoint's arrays where the strategy keeps some
+            done, initial, last = self.state.restore(self.resume)
+            self.run_dir.truncate_metrics(done)
+            self.state.bytes_up += discovery  # the new discovery's replies count too
             for name in self.skipped:
                 self.cohorts[name].active = False
         else:
             for cohort in self.cohorts.values():
                 cohort.state = runtime.initial_adapter(self.cfg.seed, cohort.name, len(cohort.labels))
+                self.aggregation.init_state(cohort)
             self.run_dir.write_json("sites.json", {c.name: sorted(c.nodes.values()) for c in self.cohorts.values()})
             done, last = 0, {}
             # round 0 carries the sites' identification replies and the evaluation of the initial adapter
-            initial = {"round": 0, "cohorts": {}, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
+            initial = {"round": 0, "cohorts": {}, "bytes_up": self.state.bytes_up, "bytes_down": self.state.bytes_down}
             self._evaluate_round(grid, 0, initial)  # the starting adapter, so every run shows its improvement
             self._name_skipped(initial, 0)
             self.run_dir.append_metrics(initial)
@@ -546,16 +614,18 @@ class Coordinator:
             for r in range(done + 1, rounds + 1):
                 t0 = time.perf_counter()
                 line: dict[str, Any] = {"round": r, "cohorts": {}}
+                reused = self.adapters.not_resent
                 self._train_round(grid, r, line)
                 if r % self.cfg.train.eval_every == 0 or r == rounds:
                     self._evaluate_round(grid, r, line)
+                line["adapters_not_resent"] = self.adapters.not_resent - reused  # messages that named a held adapter by digest
                 self._name_skipped(line, r)
                 line["seconds"] = time.perf_counter() - t0
                 self.run_dir.append_metrics(line)
-                if self.cfg.privacy.dp or self.cfg.privacy.client_dp or self.ledger.events:
-                    self.ledger.save(self.run_dir.path / "privacy_ledger.json")
+                if self.cfg.privacy.dp or self.cfg.privacy.client_dp or self.state.ledger.events:
+                    self.state.ledger.save(self.run_dir.path / "privacy_ledger.json")
                 last = line
-                save_checkpoint(self, r, initial, last)
+                self.state.checkpoint(r, initial, last, secure=self.secagg is not None, seed=self.cfg.seed).save(self.run_dir)
                 accuracy = {c: f"{v['accuracy']:.2f}" for c, v in line["cohorts"].items() if v.get("accuracy") is not None}
                 if accuracy:
                     bar.set_postfix(accuracy)
@@ -571,24 +641,25 @@ class Coordinator:
         summary = {
             "rounds_completed": rounds,
             "resumed_after_round": self.resume.round if self.resume is not None else None,
-            "sites": len(self.trained),  # sites whose update went into an aggregate (joined but never trained: not counted)
+            "sites": len(self.state.trained),  # sites whose update went into an aggregate (joined but never trained: not counted)
             "engine": self.engine,
             "seed": self.cfg.seed,
             "model": self.cfg.model.source,
             "task": self.cfg.task.kind,
             "lora_mode": self.cfg.lora.mode,
+            "strategy": {"name": self.strategy.name, "options": self.strategy.options()},
             "wire_dtype": self.cfg.federation.wire_dtype,
             "partition": partition_summary(self.cfg),
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
+            "bytes_up": self.state.bytes_up,
+            "bytes_down": self.state.bytes_down,
             "wall_seconds": time.perf_counter() - start,
             "cohorts": {c.name: cohort_summary(c, initial, last, self.task.extra_metrics, self.skipped.get(c.name, ""))
                         for c in self.cohorts.values()},
             "cohorts_skipped": sorted(self.skipped),
         }
         for c in self.cohorts.values():  # the cohort's "sites" are those that joined; these, those that trained
-            summary["cohorts"][c.name]["sites_trained"] = sorted(self.trained & set(c.nodes.values()))
-        summary["privacy"] = privacy_summary(self.cfg.privacy, self.client_dp, self.ledger, self.cohorts)
+            summary["cohorts"][c.name]["sites_trained"] = sorted(self.state.trained & set(c.nodes.values()))
+        summary["privacy"] = privacy_summary(self.cfg.privacy, self.state.client_dp, self.state.ledger, self.cohorts)
         with_warnings(summary, dp=self.cfg.privacy.dp)
         self.run_dir.write_json("summary.json", summary)
         return summary

@@ -54,7 +54,8 @@ import tomli_w
 from fedlora.config import RunConfig
 from fedlora.errors import ConfigError, DeploymentError, FederationError, FedloraError, RunInterrupted
 from fedlora.files import write_text_atomic
-from fedlora.processes import Terminated, flower_env, free_port, parse_address, shielded, spawn, stop_all, tail, wait_for_port
+from fedlora.processes import (Terminated, flower_env, free_port, log_pipe, parse_address, plain, shielded, spawn, stop_all, tail,
+                               wait_for_port)
 
 from .certs import check_server_certs, coordinator_dir, site_public_keys
 from .checkpoint import open_stopped_run
@@ -147,7 +148,11 @@ class Deployment:
         args = [sys.executable, "-m", "fedlora.server.superlink_gate", "--public", public, "--ready-file", str(self.home / GATE_READY),
                 "--", *flower]
         log_path = self.logs / "superlink.log"
-        self.gate = proc = spawn(args, self.env, stdout=log_path.open("a"), cwd=self.home)
+        out = log_pipe(log_path)  # the gate's lines and its children's (Flower's SuperExec), without colour codes
+        try:
+            self.gate = proc = spawn(args, self.env, stdout=out, cwd=self.home)
+        finally:
+            os.close(out)
         self.procs.append(proc)
         try:
             wait_for_port("127.0.0.1", self.control_port, 60, proc, lambda: tail(log_path))
@@ -229,7 +234,7 @@ class Deployment:
             self.procs.append(proc)
             assert proc.stdout is not None
             for line in proc.stdout:
-                logf.write(line)
+                logf.write(plain(line))
                 logf.flush()
                 if _worth_showing(line):
                     self.out.write(line)

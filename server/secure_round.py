@@ -204,8 +204,9 @@ def _common_length(replies: Iterable[RecordDict], wire: np.dtype) -> int:
 
 
 class SecureAggregation:
-    def __init__(self, cfg: SecureAggregationConfig, seed: int) -> None:
+    def __init__(self, cfg: SecureAggregationConfig, seed: int, weight_cap: float = 1000.0) -> None:
         self.cfg, self.seed = cfg, seed
+        self.weight_cap = float(weight_cap)  # federation.weight_cap: each site sends w = min(n, cap) / cap
         self._rounds: dict[str, tuple[SecAggCoordinator, Quantizer | None]] = {}
         self.sat_out: dict[str, str] = {}  # round id -> why the cohort sat that sum out (``setup``)
 
@@ -224,7 +225,7 @@ class SecureAggregation:
         self._rounds[round_id] = (SecAggCoordinator(graph, t, bits, round_id), q if kind == "train" else None)
         shared: dict[str, Any] = {"round_id": round_id, "threshold": t, "modulus_bits": bits}
         if kind == "train":
-            shared |= {"bits": q.bits, "clip_range": float(q.clip_range), "weight_scale": float(self.cfg.weight_scale)}
+            shared |= {"bits": q.bits, "clip_range": float(q.clip_range), "weight_scale": self.weight_cap}
         return {u: shared | {"neighbours": list(graph[u])} for u in nodes}
 
     def setup(self, cohort: str, nodes: list[int], round_: int, kind: str) -> dict[int, dict[str, Any]] | None:

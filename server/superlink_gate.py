@@ -313,8 +313,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
     from flwr.supercore.http_logging import get_uvicorn_log_config
-    from flwr.supercore.logger import console_handler
+    from flwr.supercore.logger import console_handler, update_console_handler
     from flwr.superlink.main import create_app
+
+    if not sys.stdout.isatty():  # a log file (superlink.log): timestamps, and no terminal colour codes
+        update_console_handler(timestamps=True, colored=False)
 
     gate = SuperLinkGate(create_app(config, fs.SuperLinkLifespan), private_port=config.port)
     uv = uvicorn.Config(app=gate, host=config.host, port=config.port, reload=False, access_log=True,

@@ -6,6 +6,10 @@ and a small fraction of flipped labels. Sites of a cohort are non-IID: each draw
 mix from a Dirichlet(label_skew) (mixed 85/15 with uniform so every label appears), and site
 k of n holds ``examples_per_site * (1 - size_skew) ** (k / (n - 1))`` examples. Everything is
 a pure function of (seed, domain, site index). Every row carries ``synthetic = true``.
+
+A small run writes each site's table into the run directory (``write_cohort``); a large one names
+each site's rows by ``generated_path`` instead, and they are made in memory when the site first
+trains or evaluates (``fedlora.client.data.register_generator``), then let go.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedlora.client.data import GENERATED, register_generator
 from fedlora.model import derive_seed
 
 DOMAINS: dict[str, dict[str, list[str]]] = {
@@ -85,11 +90,16 @@ def _sentence(domain: str, label: str, rng: np.random.Generator, distractor_rate
     return text
 
 
+def site_size(site_index: int, n_sites: int, examples_per_site: int, size_skew: float) -> int:
+    """Example count of site ``site_index`` of ``n_sites``: ``examples_per_site`` down by the size skew (at least 20)."""
+    if n_sites == 1:
+        return examples_per_site
+    return max(20, int(round(examples_per_site * (1 - size_skew) ** (site_index / (n_sites - 1)))))
+
+
 def site_sizes(n_sites: int, examples_per_site: int, size_skew: float) -> list[int]:
     """Example counts of a cohort's sites, from ``examples_per_site`` down by the size skew."""
-    if n_sites == 1:
-        return [examples_per_site]
-    return [max(20, int(round(examples_per_site * (1 - size_skew) ** (k / (n_sites - 1))))) for k in range(n_sites)]
+    return [site_size(k, n_sites, examples_per_site, size_skew) for k in range(n_sites)]
 
 
 def generate_site(domain: str, site_index: int, n_sites: int, *, seed: int, examples_per_site: int = 240,
@@ -99,13 +109,35 @@ def generate_site(domain: str, site_index: int, n_sites: int, *, seed: int, exam
         raise ValueError(f"no demo data for domain {domain!r}; known: {', '.join(DOMAINS)}")
     labels = LABELS[domain]
     rng = np.random.default_rng(derive_seed(seed, "demo", domain, site_index))
-    n = site_sizes(n_sites, examples_per_site, size_skew)[site_index]
+    n = site_size(site_index, n_sites, examples_per_site, size_skew)
     mix = 0.85 * rng.dirichlet(np.full(len(labels), label_skew)) + 0.15 / len(labels)
     ys = rng.choice(len(labels), size=n, p=mix)
     texts = [_sentence(domain, labels[y], rng, distractor_rate) for y in ys]
     flip = rng.random(n) < label_noise
     ys = np.where(flip, rng.integers(len(labels), size=n), ys)
     return pd.DataFrame({"text": texts, "label": [labels[y] for y in ys], "synthetic": True})
+
+
+def generated_path(domain: str, site_index: int, n_sites: int, *, seed: int, examples_per_site: int, size_skew: float,
+                   label_skew: float) -> str:
+    """The data path of a site whose rows ``generate_site`` makes in memory when the site reads them
+    (``generated:demo/<domain>/<index>/<sites>/<seed>/<examples>/<size skew>/<label skew>``)."""
+    return f"{GENERATED}demo/{domain}/{site_index}/{n_sites}/{seed}/{examples_per_site}/{float(size_skew)!r}/{float(label_skew)!r}"
+
+
+def _generate_from(spec: str) -> pd.DataFrame:
+    """``generate_site`` for the part of a ``generated_path`` after ``generated:demo/``."""
+    parts = spec.split("/")
+    if len(parts) != 7:
+        raise ValueError(f"a demo site is named by domain/index/sites/seed/examples/size_skew/label_skew, not {spec!r}")
+    domain, index, n_sites, seed, examples, size_skew, label_skew = parts
+    if not 0 <= int(index) < int(n_sites):
+        raise ValueError(f"site index {index} of a cohort of {n_sites} sites")
+    return generate_site(domain, int(index), int(n_sites), seed=int(seed), examples_per_site=int(examples),
+                         size_skew=float(size_skew), label_skew=float(label_skew))
+
+
+register_generator("demo", _generate_from)
 
 
 def write_cohort(directory: Path, domain: str, n_sites: int, *, seed: int, examples_per_site: int, size_skew: float,

@@ -6,6 +6,11 @@ Simulation Engine) and nodes are served one after another in the calling thread,
 virtual site shares the process's single base model. A ``timeout`` is honoured as a deadline
 for the whole batch: a reply produced after it is dropped, as a real grid would stop waiting
 (the nodes run one after another here, so their times add up).
+
+A node's ``Context`` is made when it is first sent a message, so a population of 100,000 virtual
+sites of which a few are sampled costs only what the sampled ones hold. With a ``roster`` (the
+partition ids' site names and cohorts, from a lazy population) the grid names its nodes itself
+(``roster``, read by ``fedlora.server.coordinator.node_roster``) and nobody is asked at discovery.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -28,19 +33,32 @@ CLIENT_EXCEPTION = 4200  # Error.code for an exception raised inside the ClientA
 
 
 class LocalGrid(Grid):
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, roster: Sequence[tuple[str, str]] | None = None) -> None:
         self._client_app = client_app
+        self._num_nodes, self._run_id = num_nodes, run_id
+        self._names = roster  # partition id -> (site name, cohort), or None
         self._run = Run.create_empty(run_id)
         # Messages take their sender's identity from the process-wide TaskIdentity (as in
         # flwr.simulation.run_simulation): here the ServerApp is the SuperLink side.
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-        # node ids start at 1001 so they are never confused with partition ids
-        self._contexts = {
-            1001 + i: Context(run_id=run_id, node_id=1001 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
-                              state=RecordDict(), run_config={})
-            for i in range(num_nodes)
-        }
+        self._contexts: dict[int, Context] = {}  # made when a node is first sent a message (``_context``)
         self._replies: dict[str, Message] = {}
+
+    def _context(self, node_id: int) -> Context | None:
+        """The persistent context of node ``node_id`` (made on first use), None for no node of this grid.
+        Node ids start at 1001 so they are never confused with partition ids."""
+        ctx = self._contexts.get(node_id)
+        if ctx is None and 0 <= node_id - 1001 < self._num_nodes:
+            ctx = self._contexts[node_id] = Context(run_id=self._run_id, node_id=node_id, state=RecordDict(), run_config={},
+                                                    node_config={"partition-id": node_id - 1001, "num-partitions": self._num_nodes})
+        return ctx
+
+    @property
+    def roster(self) -> dict[int, tuple[str, str]] | None:
+        """Node id -> (site name, cohort) when the grid was given its population's names, else None."""
+        if self._names is None:
+            return None
+        return {1001 + i: tuple(entry) for i, entry in enumerate(self._names)}  # type: ignore[misc]
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -54,13 +72,13 @@ class LocalGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._contexts)
+        return range(1001, 1001 + self._num_nodes)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
-            ctx = self._contexts.get(msg.metadata.dst_node_id)
+            ctx = self._context(msg.metadata.dst_node_id)
             if ctx is None:
                 raise ValueError(f"no node {msg.metadata.dst_node_id} in this grid")
             try:

@@ -82,6 +82,9 @@ class _Meter:
         return reply
 
 
+WEIGHT_CAP = 1000.0  # federation.weight_cap's default: both sides weigh min(n, cap) / cap
+
+
 def _dropper(fraction: float, n: int, is_masked_stage: Callable[[Message], bool]) -> Drop | None:
     """The first ``round(fraction n)`` partitions vanish at the masked-input stage."""
     k = round(fraction * n)
@@ -118,7 +121,7 @@ def run_ours(updates: Sequence[np.ndarray], examples: Sequence[int], cfg: Secure
     out = Outcome(None, n)
     grid = LocalGrid(_Meter(app, out, _dropper(dropout, n, lambda m: m.metadata.message_type == "train.secagg_masked")), n)
     t0 = time.thread_time()
-    sa = SecureAggregation(cfg, seed)
+    sa = SecureAggregation(cfg, seed, WEIGHT_CAP)
     nodes = sorted(grid.get_node_ids())
     setups = sa.site_config("bench", nodes, 1)
 
@@ -179,7 +182,7 @@ def run_flower(updates: Sequence[np.ndarray], examples: Sequence[int], cfg: Secu
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({"current_round": 1})
     ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(ndarrays_to_parameters([np.zeros(1, np.float32)]), True)
     workflow = SecAggPlusWorkflow(num_shares=k + 1 if k + 1 < n else n, reconstruction_threshold=t, clipping_range=cfg.clip_range,
-                                  quantization_range=2**cfg.bits, max_weight=cfg.weight_scale)
+                                  quantization_range=2**cfg.bits, max_weight=WEIGHT_CAP)
     workflow(grid, ctx)
     result = parameters_to_ndarrays(compat.arrayrecord_to_parameters(ctx.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
     out.mean = result[0] if result[0].shape == np.shape(updates[0]) else None  # unchanged: the round did not complete

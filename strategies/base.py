@@ -12,10 +12,11 @@ The contract, per cohort and round (the aggregation pipeline drives it):
     the rule itself may be nonlinear in that mean (FedAdam). ``"each"``: the rule needs every
     site's update (median, trimmed mean, Krum); refused under secure aggregation with
     ``secure_refusal()``'s message, which names the strategies that compose with it.
-``weight(num_examples) -> float``
+``weight(num_examples, cap) -> float``
     The strategy's aggregation weights, in this one place, the same in the clear and under
-    secure aggregation. Only ratios matter (the mean divides by the total), so a secure path
-    may encode ``weight(n) / S`` for any public ``S > 0`` and obtain the same mean.
+    secure aggregation: ``min(n, cap)`` with the run's public cap (``federation.weight_cap``).
+    Only ratios matter (the mean divides by the total), so a secure site encodes
+    ``weight(n, cap) / cap`` in ``[0, 1]`` (``site_weight``) and the sum gives the same mean.
 ``init_state(global_state) -> state``
     The strategy's per-cohort state before the first round: a dict of named numpy arrays
     (server-optimiser moments, a step counter), ``{}`` for stateless rules. A checkpoint saves
@@ -77,10 +78,10 @@ class Strategy(ABC):
     needs: ClassVar[Needs] = "sum"
 
     # ---- the interface ---------------------------------------------------------------
-    def weight(self, num_examples: float) -> float:
-        """The aggregation weight of a site that trained on ``num_examples`` examples
-        (default: the example count itself, as in FedAvg)."""
-        return _examples(num_examples)
+    def weight(self, num_examples: float, cap: float = math.inf) -> float:
+        """The aggregation weight of a site that trained on ``num_examples`` examples: the
+        example count (as in FedAvg), capped at the run's public ``cap``."""
+        return capped_weight(num_examples, cap)
 
     def init_state(self, global_state: State) -> StrategyState:
         """The per-cohort state before the first round (default: none)."""
@@ -91,16 +92,16 @@ class Strategy(ABC):
              state: StrategyState) -> tuple[dict[str, np.ndarray], StrategyState]:
         """The next global state and the next per-cohort state (see the module docstring)."""
 
-    def combine(self, updates: Sequence[SiteUpdate]) -> Combined:
-        """What ``step`` receives from updates seen in the clear: the weighted mean (``"sum"``)
-        or the updates sorted by site (``"each"``)."""
+    def combine(self, updates: Sequence[SiteUpdate], cap: float = math.inf) -> Combined:
+        """What ``step`` receives from updates seen in the clear: the weighted mean (``"sum"``,
+        weights ``weight(n, cap)``) or the updates sorted by site (``"each"``)."""
         if not updates:
             raise ValueError("no updates to aggregate")
         if self.needs == "each":
             return sorted(updates, key=lambda u: u.site)
         from .fedavg import weighted_mean
 
-        return weighted_mean([replace(u, weight=self.weight(u.weight)) for u in updates])
+        return weighted_mean([replace(u, weight=self.weight(u.weight, cap)) for u in updates])
 
     def site_options(self) -> dict[str, float]:
         """What the sites' trainers need from this strategy (FedProx: ``proximal_mu``); default none."""
@@ -199,6 +200,20 @@ def as_each(name: str, cohort: str, round_: int, global_state: State, combined: 
     for u in updates:
         check_like(name, where(cohort, round_), global_state, u.delta, f"site {u.site!r}'s update")
     return updates
+
+
+def capped_weight(num_examples: float, cap: float = math.inf) -> float:
+    """``min(n, cap)``: a site's aggregation weight under the public cap (``n`` finite, ``>= 0``)."""
+    if not cap > 0:
+        raise ValueError(f"the weight cap must be > 0, got {cap!r}")
+    return min(_examples(num_examples), float(cap))
+
+
+def site_weight(num_examples: float, cap: float) -> float:
+    """``min(n, cap) / cap`` in ``[0, 1]``: what a site applies to its update before secure
+    aggregation, so that the unmasked sum divided by its weight slot is the mean that
+    ``combine`` forms in the clear with ``capped_weight``."""
+    return capped_weight(num_examples, cap) / float(cap)
 
 
 def _examples(num_examples: float) -> float:

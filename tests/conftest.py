@@ -144,3 +144,21 @@ def run_with(cfg, intercept=None, rewrite=None) -> Path:
     server = make_server_app(cfg, run_dir, plan.labels, expected_sites=len(sites), progress=False, ca_pem=ca.pem if ca is not None else "")
     run_engine(cfg, sites, server, client)
     return run_dir.path
+
+
+def interrupt_before(round_: int, monkeypatch) -> None:
+    """Simulated sites raise KeyboardInterrupt (as Ctrl-C would) when asked to train ``round_``."""
+    import fedlora.simulation.runner as runner
+
+    real = runner.make_client_app
+
+    def factory(*a, **kw):
+        app = real(*a, **kw)
+
+        def client(msg, ctx):
+            if msg.metadata.message_type == "train" and int(msg.content["config"]["round"]) == round_:
+                raise KeyboardInterrupt
+            return app(msg, ctx)
+        return client
+
+    monkeypatch.setattr(runner, "make_client_app", factory)

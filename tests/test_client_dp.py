@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import run_with
+from fedlora.client.adapter_cache import adapter_for
 from fedlora.config import config_from_dict
 from fedlora.errors import ConfigError
 from fedlora.privacy.accounting import Mechanism, epsilon
@@ -177,7 +178,7 @@ def _train_adapters(store: list):
     """An intercept that records the global adapter each train message carries."""
     def intercept(msg, ctx, reply):
         if msg.metadata.message_type == "train" and msg.content["config"]["cohort"] == "finance":
-            state, _ = from_record(msg.content["adapter"], None)
+            state, _ = from_record(adapter_for(msg.content, "train"), None)  # sent now, or before and named by digest
             store.append((int(msg.content["config"]["round"]), state))
         return reply
     return intercept

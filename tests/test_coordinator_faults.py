@@ -42,3 +42,19 @@ def test_a_cohort_whose_every_site_fails_stops_the_run(make_config, tmp_path: Pa
     with pytest.raises(FederationError, match=r"round 1: every site of cohort 'medical' failed \(medical-1, medical-2\)"):
         _run_with(make_config(tmp_path / "run"), refuse)
     assert not (tmp_path / "run" / "summary.json").exists(), "no summary for a run that did not complete"
+
+
+def test_a_site_whose_evaluation_fails_is_named_in_the_metrics(make_config, tmp_path: Path) -> None:
+    """An error reply to ``evaluate`` (or none at all) is named in ``eval_sites_failed`` with its
+    reason; the other sites' metrics still combine."""
+    def refuse(msg, ctx, reply):
+        if msg.metadata.message_type == "evaluate" and ctx.node_config["partition-id"] == 0:  # finance-1
+            return Message(Error(code=1, reason="out of memory"), reply_to=msg)
+        return reply
+
+    run = _run_with(make_config(tmp_path / "run", train__rounds=1), refuse)
+    for x in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()):
+        entry = x["cohorts"]["finance"]
+        assert entry["eval_sites_failed"] == ["finance-1"], entry
+        assert "out of memory" in entry["eval_sites_failed_reasons"]["finance-1"]
+        assert entry["accuracy"] is not None and "eval_sites_failed" not in x["cohorts"]["medical"]

@@ -29,6 +29,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import tomli_w
 from safetensors.numpy import load_file
@@ -213,6 +214,9 @@ def test_certs_files_permissions_and_what_flower_reads(tmp_path: Path) -> None:
         check_server_certs(d)
 
 
+SECRET_LABEL = "zebra-label-q7"  # a label only the refused site's own file holds
+
+
 def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path, tmp_path: Path) -> None:
     """The coordinator runs with ``--no-dp``; the three sites were started with ``--epsilon 4``: they train
     with DP within 4 all the same (their policy, not the coordinator's request), with secret noise,
@@ -230,20 +234,30 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
     cfg = json.loads((other_model / "config.json").read_text())
     cfg["layer_norm_eps"] = 1e-7  # another model: same shapes, other content
     (other_model / "config.json").write_text(json.dumps(cfg))
+    # a site whose data carries a label its cohort does not have, and one whose --domain is no cohort of the run
+    bad = pd.read_csv(files["medical"][0])
+    bad.loc[bad.index[:3], "label"] = SECRET_LABEL
+    bad_file = tmp_path / "private" / "medical-7-export.csv"
+    bad_file.parent.mkdir()
+    bad.to_csv(bad_file, index=False)
     port = free_port()
     with Processes(tmp_path) as p:
-        keys = certs(p, tmp_path / "certs", ["finance-1", "medical-1", "retail-1", "finance-9"])
+        keys = certs(p, tmp_path / "certs", ["finance-1", "medical-1", "retail-1", "finance-9", "medical-7", "legal-1"])
         strangers = certs(p, tmp_path / "strangers", ["finance-2"])
         p.start("server", "server", "--config", str(config), "--no-dp", "--address", f"127.0.0.1:{port}", "--certs", str(keys), "--out",
-                str(tmp_path / "run"), "--min-sites", "4", "--wait-timeout", "120")
+                str(tmp_path / "run"), "--min-sites", "6", "--wait-timeout", "120")
         for cohort, paths in files.items():
             site(p, f"{cohort}-1", cohort, paths[0], port, keys, "--epsilon", "4", "--allow-clear-aggregation")
         site(p, "finance-9", "finance", files["finance"][0], port, keys, "--model", str(other_model))
+        site(p, "medical-7", "medical", bad_file, port, keys, "--allow-clear-aggregation")
+        site(p, "legal-1", "legal", files["retail"][0], port, keys, "--allow-clear-aggregation")
         site(p, "finance-2", "finance", files["finance"][0], port, strangers, "--connect-timeout", "30", ca=keys / "ca.pem")  # key not registered
         site(p, "medical-1-bad-ca", "medical", files["medical"][0], port, keys, "--connect-timeout", "30", name="medical-1",
              ca=strangers / "ca.pem")
         assert p.wait("finance-2", 120) == 9
         assert p.wait("medical-1-bad-ca", 120) == 9
+        assert p.wait("medical-7", 300) == 3, p.log("medical-7")[-3000:]  # stopped at its side, at the handshake
+        assert p.wait("legal-1", 300) == 3, p.log("legal-1")[-3000:]
         connected(p, tmp_path / "run")
         start_simulate(p, reference_config, tmp_path / "simulated")
         # while the federation runs: a stranger with the public ca.pem reaches the coordinator's address
@@ -273,7 +287,17 @@ def test_tls_deployment_matches_simulate_and_refuses_strangers(tiny_model: Path,
         assert summary["privacy"]["sites"][s]["noise"] == "secret"
     assert "trained with DP, epsilon" in p.log("finance-1")  # one line per round at the site
     assert not (run / ".flower").exists() and not (run / "error.json").exists()
-    assert "fedlora server: registered 4 site key(s)" in p.log("server")
+    assert "fedlora server: registered 6 site key(s)" in p.log("server")
+    # the refused sites were told, in their own logs; the coordinator's console and files hold only that they did not join
+    assert SECRET_LABEL in p.log("medical-7") and "medical-7-export.csv" in p.log("medical-7")
+    assert "not one of this federation's cohorts" in p.log("legal-1")
+    coordinator_text = p.log("server") + "".join(f.read_text(errors="replace") for f in run.rglob("*") if f.is_file()
+                                                 and f.suffix in (".log", ".json", ".jsonl", ".toml"))
+    assert "medical-7 did not join: its data does not fit its cohort's labels" in coordinator_text, coordinator_text[-3000:]
+    assert "legal-1 did not join: its cohort (--domain) is not one of this run's" in coordinator_text
+    assert SECRET_LABEL not in coordinator_text and "medical-7-export" not in coordinator_text and str(tmp_path / "private") not in coordinator_text
+    for log_file in (run / "logs" / "superlink.log", run / "logs" / "run.log", tmp_path / "sites" / "finance-1" / "supernode.log"):
+        assert "\x1b[" not in log_file.read_text(), log_file  # log files without terminal colour codes
 
 
 def test_coordinator_sigtermed_and_resumed_equals_an_uninterrupted_run(tiny_model: Path, tmp_path: Path) -> None:

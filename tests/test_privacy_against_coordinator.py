@@ -12,6 +12,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from conftest import run_with
+from fedlora.client.adapter_cache import adapter_for
 from fedlora.client.app import site_data
 from fedlora.client.dp_trainer import DpSgdSettings, train_local_dp
 from fedlora.client.privacy_site import check_persistence, private_round
@@ -60,7 +61,7 @@ def _replay(cfg, run: Path, msg, reply, seeds: RoundSeeds) -> np.ndarray:
     plan = RoundPlan.read(msg.content["config"], "train")
     data = site_data(site, list(plan.labels), runtime, plan.seed, plan.eval_fraction)
     event = event_from_dict(dict(reply.content["privacy_event"]))
-    state, _ = from_record(msg.content["adapter"])
+    state, _ = from_record(adapter_for(msg.content, "train"))  # sent now, or earlier and named by digest
     settings = LocalTrainSettings(event.steps, 0.0, plan.batch_size, plan.optimizer, plan.learning_rate, plan.weight_decay, 0.0)
     result, _ = train_local_dp(runtime, state, data.train, settings, DpSgdSettings(event.noise_multiplier, event.max_grad_norm, event.sample_rate),
                                seed=plan.seed, site=site.name, cohort=site.cohort, num_labels=len(plan.labels), round_=plan.round,

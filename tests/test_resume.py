@@ -8,26 +8,11 @@ from pathlib import Path
 import pytest
 
 import fedlora.simulation.runner as runner
+from conftest import interrupt_before
 from fedlora.cli import main
 from fedlora.errors import ConfigError, RunInterrupted
 from fedlora.privacy.ledger import PrivacyLedger
 from fedlora.privacy.report import build_report
-
-
-def _interrupt_before(round_: int, monkeypatch) -> None:
-    """Sites raise KeyboardInterrupt (as Ctrl-C would) when asked to train ``round_``."""
-    real = runner.make_client_app
-
-    def factory(*a, **kw):
-        app = real(*a, **kw)
-
-        def client(msg, ctx):
-            if msg.metadata.message_type == "train" and int(msg.content["config"]["round"]) == round_:
-                raise KeyboardInterrupt
-            return app(msg, ctx)
-        return client
-
-    monkeypatch.setattr(runner, "make_client_app", factory)
 
 
 def _stable(line: dict) -> dict:
@@ -46,7 +31,7 @@ def test_a_resumed_run_equals_one_that_never_stopped(make_config, tmp_path: Path
     straight, expected = runner.simulate(make_config(tmp_path / "straight", **over), progress=False)
 
     with monkeypatch.context() as m:
-        _interrupt_before(3, m)
+        interrupt_before(3, m)
         with pytest.raises(RunInterrupted, match="--resume"):
             runner.simulate(make_config(tmp_path / "stopped", **over), progress=False)
     stopped = tmp_path / "stopped"

@@ -15,9 +15,9 @@ from flwr.app import Array, Error, Message
 
 from conftest import run_with
 from fedlora.client.secagg_site import STATE_KEY
-from fedlora.config import STRATEGIES, ConfigError
+from fedlora.config import ConfigError
 from fedlora.simulation.runner import simulate
-from fedlora.strategies import get_strategy
+from fedlora.strategies import available, get_strategy
 from safetensors.numpy import load_file
 
 SECAGG = {"enabled": True, "bits": 20, "clip_range": 1.0}
@@ -174,9 +174,13 @@ def test_a_cohort_below_min_sites_aggregates_in_the_clear_only_when_allowed_and_
 
 
 def test_strategies_that_need_individual_updates_are_refused(make_config, tmp_path: Path) -> None:
-    assert {name: get_strategy(name).linear for name in STRATEGIES} == STRATEGIES
-    with pytest.raises(ConfigError, match="federation.strategy.*secure aggregation never reveals"):
-        make_config(tmp_path / "a", federation={"strategy": "median"})
+    each = sorted(name for name, needs in available().items() if needs == "each")
+    assert each == ["krum", "median", "multikrum", "trimmed_mean"]
+    for name in each:  # each is refused, naming the strategies that compose with secure aggregation
+        with pytest.raises(ConfigError, match=f"federation.strategy.*{name} needs each site's update.*secure aggregation never "
+                                              "reveals.*use fedavg/fedavgm/fedprox/fedadam/fedyogi/fedadagrad"):
+            make_config(tmp_path / "a", federation={"strategy": name})
+    assert not get_strategy("fedadam").secure_refusal()
     cfg = make_config(tmp_path / "b", federation={"strategy": "median"}, secure_aggregation=CLEAR)  # without it: allowed
     assert cfg.federation.strategy == "median"
 
